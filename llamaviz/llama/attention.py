@@ -1,0 +1,94 @@
+"""Grouped-query self-attention with hook points on q, k, v, scores, pattern and z.
+
+Two ways to the same numbers: `eager_attention` writes scores -> mask -> softmax -> values out and
+exposes the pattern; `sdpa_attention` calls the fused kernel. The eager path is chosen per layer
+only when somebody needs this layer's scores or pattern.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LlamaConfig
+from .hook_points import HookPoint
+from .rope import apply_rope
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, g, k, d] -> [b, g * groups, k, d]: each key/value head serves `groups` query heads."""
+    if groups == 1:
+        return x
+    b, g, k, d = x.shape
+    return x[:, :, None].expand(b, g, groups, k, d).reshape(b, g * groups, k, d)
+
+
+def eager_attention(q, k, v, mask, scale, hook_scores: HookPoint, hook_pattern: HookPoint):
+    """q [b, h, p, d], k/v [b, g, k, d], mask bool [b|1, 1, p, k] -> (z [b, h, p, d], pattern [b, h, p, k])."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, h, p, k]
+    scores = hook_scores(scores.masked_fill(~mask, float("-inf")))
+    pattern = hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))  # [b, h, p, k]
+    return torch.matmul(pattern, v), pattern  # [b, h, p, d]
+
+
+def sdpa_attention(q, k, v, mask, scale):
+    """Same result as eager_attention's z through the fused kernel; mask None means plain causal."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    is_causal = mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention of one decoder layer: q/k/v/o projections, RoPE, GQA, optional KV cache."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.scale = self.head_dim ** -0.5
+        self.attn_implementation = attn_implementation
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.hook_q = HookPoint()  # [b, p, h, d] before RoPE
+        self.hook_k = HookPoint()  # [b, p, g, d] before RoPE
+        self.hook_v = HookPoint()  # [b, p, g, d]
+        self.hook_rot_q = HookPoint()  # [b, p, h, d] after RoPE
+        self.hook_rot_k = HookPoint()  # [b, p, g, d] after RoPE
+        self.hook_attn_scores = HookPoint()  # [b, h, p, k] scaled, masked, before softmax
+        self.hook_pattern = HookPoint()  # [b, h, p, k] softmax probabilities
+        self.hook_z = HookPoint()  # [b, p, h, d] per-head output before o_proj
+
+    def needs_pattern(self, output_attentions: bool) -> bool:
+        return (output_attentions or self.attn_implementation == "eager"
+                or self.hook_pattern.active or self.hook_attn_scores.active)
+
+    def forward(self, x, cos, sin, mask, cache=None, output_attentions=False, causal_mask=None):
+        """x [b, p, m] -> (out [b, p, m], pattern [b, h, p, k] or None).
+
+        `mask` is the bool mask for this step, or None when it is plain causal (or all-visible for
+        one query); `causal_mask` builds the explicit tensor when the eager path needs it.
+        """
+        b, p, _ = x.shape
+        q = self.hook_q(self.q_proj(x).view(b, p, self.num_heads, self.head_dim))  # [b, p, h, d]
+        k = self.hook_k(self.k_proj(x).view(b, p, self.kv_heads, self.head_dim))  # [b, p, g, d]
+        v = self.hook_v(self.v_proj(x).view(b, p, self.kv_heads, self.head_dim))  # [b, p, g, d]
+        q = self.hook_rot_q(apply_rope(q, cos, sin)).transpose(1, 2)  # [b, h, p, d]
+        k = self.hook_rot_k(apply_rope(k, cos, sin)).transpose(1, 2)  # [b, g, p, d]
+        v = v.transpose(1, 2)  # [b, g, p, d]
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [b, g, k, d]
+        if self.needs_pattern(output_attentions):
+            mask = mask if mask is not None else causal_mask()
+            z, pattern = eager_attention(q, k, v, mask, self.scale, self.hook_attn_scores, self.hook_pattern)
+        else:
+            z, pattern = sdpa_attention(q, k, v, mask, self.scale), None
+        z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d]
+        return self.o_proj(z.reshape(b, p, self.num_heads * self.head_dim)), pattern

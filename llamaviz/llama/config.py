@@ -1,0 +1,132 @@
+"""LlamaConfig: every hyper-parameter that changes the math, read from and written to config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000  # v: rows of embed_tokens and lm_head
+    hidden_size: int = 4096  # m: width of the residual stream
+    intermediate_size: int = 11008  # f: width of the SwiGLU MLP
+    num_hidden_layers: int = 32  # decoder layers
+    num_attention_heads: int = 32  # h: query heads
+    num_key_value_heads: int | None = None  # g: key/value heads (GQA); None = h
+    head_dim: int | None = None  # d: None = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6  # epsilon inside every RMSNorm
+    rope_theta: float = 10000.0  # RoPE base frequency
+    rope_scaling: dict | None = None  # {"rope_type": linear|dynamic|llama3, "factor": ..., ...}
+    max_position_embeddings: int = 2048  # context length the model was trained for
+    tie_word_embeddings: bool = False  # lm_head shares embed_tokens' weight
+    attention_bias: bool = False  # biases on q/k/v/o projections
+    mlp_bias: bool = False  # biases on gate/up/down projections
+    sliding_window: int | None = None  # keys further back than this are masked; None = full causal
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02  # std of the normal init for fresh weights
+    torch_dtype: str | None = None  # the checkpoint's own dtype, e.g. "bfloat16"
+    num_labels: int = 2  # task heads: classes of sequence/token classification
+    problem_type: str | None = None  # regression | single_label_classification | multi_label_classification
+    name_or_path: str = ""  # where it was loaded from; shown in titles
+    extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, kept for round trips
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when the numbers cannot describe a Llama."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"LlamaConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def rope_type(self) -> str:
+        return (self.rope_scaling or {}).get("rope_type", "default")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The end-of-sequence ids as a list (config.json allows one id or several)."""
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    # ----- config.json -----
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        if "dtype" in values and "torch_dtype" not in kwargs:
+            kwargs["torch_dtype"] = values["dtype"]
+        extra = {k: v for k, v in values.items() if k not in known and k != "dtype"}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "LlamaConfig":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        model_type = values.get("model_type", "llama")
+        if model_type not in ("llama", "mistral"):
+            raise ValueError(f"{path}: model_type {model_type!r} is not a Llama; accepted: 'llama'")
+        config = cls.from_dict(values)
+        config.name_or_path = config.name_or_path or str(path.parent)
+        return config
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "LlamaConfig":
+        path = Path(path)
+        return cls.from_json_file(path / "config.json" if path.is_dir() else path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json that transformers' LlamaConfig reads."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("extra", "name_or_path")}
+        values.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+        return {**self.extra, **values}
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "config.json"
+        target.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return target
+
+
+def _normalise_rope_scaling(scaling: dict | None) -> dict | None:
+    """Accept HF's spellings ("type" or "rope_type"); reject unknown rope types by name."""
+    if not scaling:
+        return None
+    scaling = dict(scaling)
+    rope_type = scaling.pop("type", None) or scaling.get("rope_type") or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unknown rope_scaling type {rope_type!r}; accepted: {', '.join(ROPE_TYPES)}")
+    scaling["rope_type"] = rope_type
+    if rope_type != "default" and "factor" not in scaling:
+        raise ValueError(f"rope_scaling of type {rope_type!r} needs a 'factor'")
+    return None if rope_type == "default" and len(scaling) == 1 else scaling

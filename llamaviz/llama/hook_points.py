@@ -1,0 +1,136 @@
+"""Hook points: identity modules with stable names, and the machinery to run a model with hooks.
+
+A hook is `fn(tensor, hook) -> tensor | None`; a returned tensor replaces the activation downstream.
+Temporary hooks live only inside `HookedRootModule.hooks(...)`, which removes them on exit, error or
+not, so nothing leaks between calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from typing import Callable, Iterable, Iterator, Union
+
+import torch
+from torch import nn
+
+HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
+NameOrPredicate = Union[str, Callable[[str], bool]]
+
+
+class HookPoint(nn.Module):
+    """Identity on its input unless hooks are attached; costs one list check when idle."""
+
+    def __init__(self):
+        super().__init__()
+        self.name: str = ""
+        self.fwd_fns: list[HookFn] = []
+        self.bwd_fns: list[HookFn] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.fwd_fns or self.bwd_fns)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # bypasses nn.Module dispatch: this runs ~600x a forward
+        if not (self.fwd_fns or self.bwd_fns):
+            return x
+        return self.forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fn in self.fwd_fns:
+            out = fn(x, self)
+            if out is not None:
+                if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ValueError(f"hook on {self.name} returned {got}; it must return None or a tensor "
+                                     f"of the activation's shape {tuple(x.shape)}")
+                x = out
+        if self.bwd_fns and x.requires_grad:
+            x.register_hook(self._run_backward_hooks)
+        return x
+
+    def _run_backward_hooks(self, grad: torch.Tensor) -> torch.Tensor:
+        for fn in self.bwd_fns:
+            out = fn(grad, self)
+            if out is not None:
+                grad = out
+        return grad
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class HookedRootModule(nn.Module):
+    """Mixin for a model whose HookPoints are named by `_hook_names()`; adds hooks, run_with_hooks, run_with_cache."""
+
+    def _hook_names(self) -> dict[str, HookPoint]:
+        raise NotImplementedError
+
+    def setup_hooks(self) -> None:
+        """Give every HookPoint its public name (call once at the end of __init__)."""
+        self._hook_dict = self._hook_names()
+        for name, point in self._hook_dict.items():
+            point.name = name
+
+    def hook_points(self) -> dict[str, HookPoint]:
+        """Every hook point by name, in forward order."""
+        return dict(self._hook_dict)
+
+    def resolve_hook_names(self, names: NameOrPredicate | Iterable[str] | None) -> list[str]:
+        """Names selected by a name, a list of names, a predicate, or None (all); unknown names raise."""
+        if names is None:
+            return list(self._hook_dict)
+        if callable(names):
+            selected = [n for n in self._hook_dict if names(n)]
+            if not selected:
+                raise ValueError("the names_filter predicate matched no hook point; "
+                                 f"names look like {', '.join(list(self._hook_dict)[:4])}, ...")
+            return selected
+        names = [names] if isinstance(names, str) else list(names)
+        if not names:
+            raise ValueError("names_filter is an empty list: it would select no hook point")
+        for name in names:
+            self._check_name(name)
+        return names
+
+    def _check_name(self, name: str) -> None:
+        if name in self._hook_dict:
+            return
+        close = difflib.get_close_matches(name, list(self._hook_dict), n=5, cutoff=0.6)
+        hint = f"; closest: {', '.join(close)}" if close else "; see model.hook_points() for the list"
+        raise KeyError(f"unknown hook point {name!r}{hint}")
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple[NameOrPredicate, HookFn]] = (),
+              bwd_hooks: Iterable[tuple[NameOrPredicate, HookFn]] = ()) -> Iterator["HookedRootModule"]:
+        """Attach hooks for the duration of the block; they are removed on exit, also on an exception."""
+        attached: list[tuple[list, HookFn]] = []
+        try:
+            for pairs, attr in ((fwd_hooks, "fwd_fns"), (bwd_hooks, "bwd_fns")):
+                for selector, fn in pairs:
+                    for name in self.resolve_hook_names(selector):
+                        fns = getattr(self._hook_dict[name], attr)
+                        fns.append(fn)
+                        attached.append((fns, fn))
+            yield self
+        finally:
+            for fns, fn in reversed(attached):
+                fns.remove(fn)
+
+    def reset_hooks(self) -> None:
+        """Remove every hook from every hook point."""
+        for point in self._hook_dict.values():
+            point.fwd_fns.clear()
+            point.bwd_fns.clear()
+
+    def run_with_hooks(self, input_ids: torch.Tensor, fwd_hooks=(), bwd_hooks=(), **forward_kwargs):
+        """One forward with temporary hooks; returns what forward returns."""
+        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+            return self(input_ids, **forward_kwargs)
+
+
+def layer_of(name: str) -> int | None:
+    """The block index in a hook name ('blocks.3.attn.hook_z' -> 3), or None for model-level hooks."""
+    match = re.match(r"blocks\.(\d+)\.", name)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,90 @@
+"""Rotary position embeddings: inverse-frequency tables, the scaling variants, and their application.
+
+A scaling variant is a function from (config, head_dim) to inverse frequencies; the table below is
+the whole list. "dynamic" additionally depends on how far the positions reach.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import LlamaConfig
+
+
+def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # [d/2]
+
+
+def _linear(config: LlamaConfig, dim: int) -> torch.Tensor:
+    return _default_inv_freq(config.rope_theta, dim) / config.rope_scaling["factor"]
+
+
+def _llama3(config: LlamaConfig, dim: int) -> torch.Tensor:
+    """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between."""
+    scaling = config.rope_scaling
+    inv_freq = _default_inv_freq(config.rope_theta, dim)
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(is_medium, blended, scaled)
+
+
+def _dynamic(config: LlamaConfig, dim: int, seq_len: int) -> torch.Tensor:
+    """Dynamic NTK: past the trained context, grow the base with the sequence length."""
+    original = config.rope_scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+    if seq_len <= original:
+        return _default_inv_freq(config.rope_theta, dim)
+    factor = config.rope_scaling["factor"]
+    base = config.rope_theta * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+    return _default_inv_freq(base, dim)
+
+
+INV_FREQ = {
+    "default": lambda config, dim: _default_inv_freq(config.rope_theta, dim),
+    "linear": _linear,
+    "llama3": _llama3,
+    "dynamic": lambda config, dim: _dynamic(config, dim, 0),
+}
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions: [b, p, d] each, in the activations' dtype."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", INV_FREQ[config.rope_type](config, config.head_dim), persistent=False)
+        self.original_max = (config.rope_scaling or {}).get(
+            "original_max_position_embeddings", config.max_position_embeddings)
+
+    def reset_parameters(self) -> None:
+        """Recompute the table (after construction on the meta device)."""
+        self.inv_freq = INV_FREQ[self.config.rope_type](self.config, self.config.head_dim).to(self.inv_freq.device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            reach = int(position_ids.max()) + 1
+            if reach > self.original_max:
+                inv_freq = _dynamic(self.config, self.config.head_dim, reach).to(inv_freq.device)
+        freqs = position_ids[..., None].float() * inv_freq  # [b, p, d/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [b, p, d]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [b, p, heads, d] by the angles of its positions (cos/sin [b, p, d])."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return x * cos + rotate_half(x) * sin
