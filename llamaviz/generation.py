@@ -116,11 +116,13 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens: int = 2
     cache = _new_cache(model, input_ids, max_new_tokens, cache_implementation)
     sequences, unfinished = input_ids, torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
     step_input = input_ids
+    hooked_logits = getattr(model, "hook_logits", None)
+    keep = 0 if hooked_logits is not None and hooked_logits.active else 1  # a logits hook sees every position
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for _ in range(max_new_tokens):
         logits = model(step_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]  # [b, v]
+                       logits_to_keep=keep).logits[:, -1]  # [b, v]
         chosen = next_tokens(logits, sequences, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
         chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad))
         sequences = torch.cat([sequences, chosen[:, None]], dim=1)

@@ -37,3 +37,9 @@ def llama2_tokenizer_dir() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "llama"))  # tiny random configs for every test folder

@@ -47,11 +47,12 @@ class HookPoint(nn.Module):
                                      f"of the activation's shape {tuple(x.shape)}")
                 x = out
         if self.bwd_fns and x.requires_grad:
-            x.register_hook(self._run_backward_hooks)
+            fns = list(self.bwd_fns)  # the hooks of this forward run at backward time, even after removal
+            x.register_hook(lambda grad: self._run_backward_hooks(grad, fns))
         return x
 
-    def _run_backward_hooks(self, grad: torch.Tensor) -> torch.Tensor:
-        for fn in self.bwd_fns:
+    def _run_backward_hooks(self, grad: torch.Tensor, fns: list[HookFn]) -> torch.Tensor:
+        for fn in fns:
             out = fn(grad, self)
             if out is not None:
                 grad = out

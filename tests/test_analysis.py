@@ -1,0 +1,51 @@
+"""Head detectors on patterns built to show one behaviour each, and on a tiny model."""
+
+import pytest
+import torch
+
+from llamaviz.analysis import (detect_heads, duplicate_token_scores, head_entropy, induction_scores,
+                               previous_token_scores, repeated_random_tokens, sink_scores)
+from llamaviz.interventions import ablate_heads
+from tiny import hf_and_ours
+
+
+def one_hot_pattern(targets: list[int]) -> torch.Tensor:
+    """A [p, p] pattern where query i attends only to key targets[i]."""
+    return torch.nn.functional.one_hot(torch.tensor(targets), len(targets)).float()
+
+
+def test_each_detector_scores_its_own_behaviour_highest():
+    tokens = repeated_random_tokens(vocab_size=1000, length=6, batch=1, bos_token_id=None)  # [1, 12]
+    p, n = 12, 6
+    previous = one_hot_pattern([max(i - 1, 0) for i in range(p)])
+    sink = one_hot_pattern([0] * p)
+    induction = one_hot_pattern([i - n + 1 if i >= n else 0 for i in range(p)])
+    duplicate = one_hot_pattern([i - n if i >= n else 0 for i in range(p)])
+    patterns = torch.stack([previous, sink, induction, duplicate])[None, None]  # [1 layer, 1, 4 heads, p, p]
+    assert torch.argmax(previous_token_scores(patterns)[0]) == 0
+    assert previous_token_scores(patterns)[0, 0] == 1
+    assert sink_scores(patterns)[0, 1] == 1
+    assert induction_scores(patterns, tokens)[0, 2] == 1 and torch.argmax(induction_scores(patterns, tokens)[0]) == 2
+    assert duplicate_token_scores(patterns, tokens)[0, 3] == 1
+    uniform = torch.ones(p, p).tril() / torch.arange(1, p + 1)[:, None]
+    assert head_entropy(uniform[None, None, None])[0, 0] > head_entropy(patterns)[0, 0]
+
+
+def test_detect_heads_on_a_model_returns_layer_by_head_scores():
+    _, ours = hf_and_ours("gqa")
+    scores = detect_heads(ours, length=10)
+    assert set(scores) == {"previous-token", "induction", "sink", "duplicate-token", "entropy"}
+    for name, value in scores.items():
+        assert value.shape == (3, 4), name
+        if name != "entropy":
+            assert ((value >= 0) & (value <= 1 + 1e-6)).all(), name
+
+
+def test_out_of_range_heads_and_unknown_modes_are_named():
+    _, ours = hf_and_ours()
+    with pytest.raises(ValueError, match=r"layer 5 is out of range: the model has layers 0..2"):
+        ablate_heads([(5, 0)], model=ours)
+    with pytest.raises(ValueError, match=r"head 4 is out of range: layer 1 has heads 0..3"):
+        ablate_heads({1: [4]}, model=ours)
+    with pytest.raises(ValueError, match="ablation mode 'resample'"):
+        ablate_heads([(0, 0)], mode="resample")
