@@ -1,0 +1,300 @@
+"""One-call helpers for notebooks: run the model on a text and get a figure back.
+
+Figures render offline: on first use inside IPython the helpers switch plotly to a renderer that
+inlines plotly.js into the notebook once (no CDN) and gives each figure both plotly's mimetype
+and HTML, which Jupyter, VS Code and nbconvert's static HTML export all display. `save_html`
+writes a standalone page with plotly.js inlined; `open_view` reopens a view file saved by the
+web app.
+
+A view file is JSON: {"model": path or null (the default model), "prompt": str, "seed": int or
+null, "settings": {"layer": int, "head": int or "mean", "drop_first": bool, "log_scale": bool,
+"top_k": int}}; every setting is optional.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+from plotly.io.base_renderers import NotebookRenderer
+
+from . import plots
+from .plots.checks import check_index, check_name, check_positive
+from .plots.panels import Head
+
+_offline_ready = False
+OFFLINE_RENDERERS = "plotly_mimetype+llamaviz_notebook"
+
+
+class OfflineNotebookRenderer(NotebookRenderer):
+    """plotly's "notebook" renderer (plotly.js inlined once, on first display) without the
+    MathJax CDN script that renderer adds to every figure."""
+
+    def to_mimebundle(self, fig_dict: dict) -> dict:
+        html = pio.to_html(fig_dict, config=self.config, include_plotlyjs=False,
+                           include_mathjax=False, full_html=False, default_width="100%",
+                           default_height=525, validate=False)
+        return {"text/html": html}
+
+
+def enable_offline() -> bool:
+    """Make figures render offline in this notebook: plotly.js is inlined once, before the
+    first figure shown, and each figure carries both plotly's mimetype (JupyterLab, VS Code)
+    and HTML (classic notebook, nbconvert). Returns False outside IPython."""
+    global _offline_ready
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    if get_ipython() is None:
+        return False
+    if not _offline_ready:
+        pio.renderers["llamaviz_notebook"] = OfflineNotebookRenderer()
+        pio.renderers.default = OFFLINE_RENDERERS
+        _offline_ready = True
+    return True
+
+
+# ---------------------------------------------------------------- running the model
+
+
+@dataclass
+class Run:
+    """One forward pass: input ids [1, p], their token strings, logits [1, p, v] and the cache."""
+
+    input_ids: torch.Tensor
+    tokens: list[str]
+    logits: torch.Tensor
+    cache: Any
+
+
+def encode(tok, text: str) -> tuple[torch.Tensor, list[str]]:
+    """Token ids [1, p] and token strings of a non-empty text."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"text must be a non-empty string; got {text!r}")
+    ids = tok(text, return_tensors="pt")["input_ids"]                      # [1, p]
+    return ids, tok.convert_ids_to_tokens(ids[0].tolist())
+
+
+def run(model, tok, text: str, names: list[str]) -> Run:
+    """Run `text` through the model, caching the hook points in `names` (none: no cache)."""
+    ids, tokens = encode(tok, text)
+    with torch.no_grad():
+        if not names:
+            return Run(ids, tokens, model(ids.to(model.device)).logits, None)
+        logits, cache = model.run_with_cache(ids.to(model.device), names_filter=names)
+    return Run(ids, tokens, logits, cache)
+
+
+def _layer(model, layer: int) -> int:
+    """Check a layer index against the model."""
+    return check_index(layer, "layer", model.config.num_hidden_layers, "layers in the model")
+
+
+def _head(model, head: Head) -> Head:
+    """Check a head index (or "mean") against the model."""
+    if head == "mean":
+        return head
+    return check_index(head, "head", model.config.num_attention_heads, "heads per layer")
+
+
+def _resid_names(model) -> list[str]:
+    """The hook points accumulated_resid stacks: every resid_pre and the last resid_post."""
+    layers = model.config.num_hidden_layers
+    return [f"blocks.{i}.hook_resid_pre" for i in range(layers)] + [
+        f"blocks.{layers - 1}.hook_resid_post"]
+
+
+def _lens_labels(layers: int) -> list[str]:
+    """Row labels of an accumulated residual stack [layers+1, ...]: "embed", then "L0".."L{n-1}"."""
+    return ["embed"] + [f"L{i}" for i in range(layers)]
+
+
+# ---------------------------------------------------------------- tables behind the figures
+
+
+def logit_lens_table(tok, cache) -> tuple[torch.Tensor, list[list[str]]]:
+    """Top-token probability [layers+1, p] and top token strings [layers+1][p] of each layer."""
+    lens = cache.logit_lens(top_k=1)
+    probs = lens["top_probs"][:, 0, :, 0].float().cpu()                     # [layers+1, p]
+    ids = lens["top_ids"][:, 0, :, 0].cpu()                                  # [layers+1, p]
+    return probs, [tok.convert_ids_to_tokens(row.tolist()) for row in ids]
+
+
+def token_logprob_table(tok, input_ids: torch.Tensor, logits: torch.Tensor, top_k: int = 5,
+                        ) -> tuple[torch.Tensor, list[list[tuple[str, float]]]]:
+    """Log-prob of each token given the ones before [p] (NaN first) and the top_k predictions."""
+    top_k = check_positive(top_k, "top_k")
+    logprobs = torch.log_softmax(logits[0].float().cpu(), dim=-1)           # [p, v]
+    ids = input_ids[0].cpu()                                                 # [p]
+    chosen = logprobs[:-1].gather(-1, ids[1:, None])[:, 0]                   # [p-1]
+    values = torch.cat([torch.tensor([float("nan")]), chosen])              # [p]
+    top_probs, top_ids = logprobs[:-1].exp().topk(top_k, dim=-1)             # [p-1, top_k]
+    alternatives = [[]] + [list(zip(tok.convert_ids_to_tokens(row_ids.tolist()), row_probs.tolist()))
+                           for row_ids, row_probs in zip(top_ids, top_probs)]
+    return values, alternatives
+
+
+def resid_norm_table(cache) -> torch.Tensor:
+    """L2 norm of the residual stream [layers+1, p] (first batch row)."""
+    return cache.accumulated_resid()[:, 0].float().norm(dim=-1).cpu()
+
+
+# ---------------------------------------------------------------- one-call helpers
+
+
+def show_attention(model, tok, text: str, layer: int, head: Head = "mean", *,
+                   drop_first: bool = False, log_scale: bool = False) -> go.Figure:
+    """Attention heatmap of one head (or the mean of the layer) on `text`."""
+    enable_offline()
+    layer, head = _layer(model, layer), _head(model, head)
+    result = run(model, tok, text, [f"blocks.{layer}.attn.hook_pattern"])
+    return plots.attention_heatmap(result.cache["pattern", layer][0], result.tokens, head=head,
+                                   layer=layer, drop_first=drop_first, log_scale=log_scale)
+
+
+def show_head_grid(model, tok, text: str, layer: int, *, drop_first: bool = False,
+                   log_scale: bool = False) -> go.Figure:
+    """Every head of one layer as small multiples."""
+    enable_offline()
+    layer = _layer(model, layer)
+    result = run(model, tok, text, [f"blocks.{layer}.attn.hook_pattern"])
+    return plots.head_grid(result.cache["pattern", layer][0], result.tokens, layer=layer,
+                           drop_first=drop_first, log_scale=log_scale)
+
+
+def show_logit_lens(model, tok, text: str) -> go.Figure:
+    """Each layer's top next-token guess at every position (row "embed" = before layer 0)."""
+    enable_offline()
+    result = run(model, tok, text, _resid_names(model))
+    probs, top_tokens = logit_lens_table(tok, result.cache)
+    return plots.logit_lens(probs, top_tokens, result.tokens,
+                            _lens_labels(model.config.num_hidden_layers))
+
+
+def show_tokens(model, tok, text: str, top_k: int = 5) -> go.Figure:
+    """The text's tokens coloured by their log-probability, the top_k predictions on hover."""
+    top_k = check_positive(top_k, "top_k")
+    enable_offline()
+    result = run(model, tok, text, [])
+    logprobs, alternatives = token_logprob_table(tok, result.input_ids, result.logits, top_k)
+    return plots.token_logprobs(result.tokens, logprobs, alternatives)
+
+
+def show_resid_norms(model, tok, text: str,
+                     kind: Literal["heatmap", "line"] = "heatmap") -> go.Figure:
+    """Residual-stream norm per layer and position."""
+    enable_offline()
+    check_name(kind, "kind", ["heatmap", "line"])
+    result = run(model, tok, text, _resid_names(model))
+    return plots.resid_norms(resid_norm_table(result.cache), result.tokens,
+                             _lens_labels(model.config.num_hidden_layers), kind=kind)
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_html(fig: go.Figure, path: str | Path) -> Path:
+    """Write `fig` as a standalone HTML page with plotly.js inlined (opens offline, no CDN)."""
+    if not isinstance(fig, go.Figure):
+        hint = "; save a matplotlib figure with fig.savefig(path)" if hasattr(fig, "savefig") else ""
+        raise ValueError(f"fig must be a plotly Figure; got {type(fig).__name__}{hint}")
+    path = Path(path)
+    pio.write_html(fig, path, include_plotlyjs=True, include_mathjax=False, full_html=True)
+    return path
+
+
+# ---------------------------------------------------------------- views saved by the web app
+
+VIEW_SETTINGS = {"layer": 0, "head": "mean", "drop_first": False, "log_scale": False, "top_k": 5}
+
+
+@dataclass
+class View:
+    """A reopened view: its model, the run on its prompt and the regenerated figures by name
+    ("attention", "head_grid", "logit_lens", "tokens", "resid_norms")."""
+
+    model: Any
+    tokenizer: Any
+    model_path: Path | None
+    prompt: str
+    seed: int | None
+    settings: dict
+    run: Run
+    figures: dict[str, go.Figure] = field(default_factory=dict)
+
+
+def read_view(path: str | Path) -> dict:
+    """Parse and check a view file; returns {"model", "prompt", "seed", "settings"} with defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no view file at {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON view file: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object; got {type(data).__name__}")
+    prompt, seed, settings = data.get("prompt"), data.get("seed"), data.get("settings", {})
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{path}: \"prompt\" must be a non-empty string; got {prompt!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"{path}: \"seed\" must be an int or null; got {seed!r}")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: \"settings\" must be an object; got {settings!r}")
+    model = data.get("model", data.get("model_path"))
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"{path}: \"model\" must be a path string or null; got {model!r}")
+    return {"model": _model_path(model, path), "prompt": prompt, "seed": seed,
+            "settings": {**VIEW_SETTINGS, **settings}}
+
+
+def _model_path(model: str | None, view_path: Path) -> Path | None:
+    """A view's model path: absolute, else relative to the working folder or to the view file."""
+    if model is None:
+        return None
+    candidate = Path(model).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    beside = view_path.parent / candidate
+    return beside if beside.exists() else candidate
+
+
+def open_view(path: str | Path, model=None, tok=None) -> View:
+    """Reopen a view saved by the web app: load its model (or use the given model and tok),
+    rerun its prompt with its seed and regenerate the figures with its settings."""
+    view = read_view(path)
+    if model is None or tok is None:
+        from . import load
+
+        model, tok = load(view["model"])
+    enable_offline()
+    settings = view["settings"]
+    layer, head = _layer(model, settings["layer"]), _head(model, settings["head"])
+    if view["seed"] is not None:
+        torch.manual_seed(view["seed"])
+    result = run(model, tok, view["prompt"], [f"blocks.{layer}.attn.hook_pattern", *_resid_names(model)])
+    figures = _view_figures(model, tok, result, layer, head, settings)
+    return View(model, tok, view["model"], view["prompt"], view["seed"], settings, result, figures)
+
+
+def _view_figures(model, tok, result: Run, layer: int, head: Head, settings: dict) -> dict[str, go.Figure]:
+    """Every figure of a view from one run."""
+    pattern = result.cache["pattern", layer][0]                               # [h, p, k]
+    style = {"drop_first": bool(settings["drop_first"]), "log_scale": bool(settings["log_scale"])}
+    probs, top_tokens = logit_lens_table(tok, result.cache)
+    logprobs, alternatives = token_logprob_table(tok, result.input_ids, result.logits,
+                                                 settings["top_k"])
+    labels = _lens_labels(model.config.num_hidden_layers)
+    return {
+        "attention": plots.attention_heatmap(pattern, result.tokens, head=head, layer=layer, **style),
+        "head_grid": plots.head_grid(pattern, result.tokens, layer=layer, **style),
+        "logit_lens": plots.logit_lens(probs, top_tokens, result.tokens, labels),
+        "tokens": plots.token_logprobs(result.tokens, logprobs, alternatives),
+        "resid_norms": plots.resid_norms(resid_norm_table(result.cache), result.tokens, labels),
+    }

@@ -1,0 +1,18 @@
+"""Figures of attention, the logit lens and token log-probabilities: plotly figures, their
+matplotlib twins (`*_mpl`, for PNG/SVG/PDF export) and an HTML token view. All are pure
+functions of tensors + token strings; see plots.tokens for how tokens are displayed.
+Per-head scores for head_overview come from llamaviz.analysis (detect_heads, head_entropy)."""
+
+from .figures import (attention_heatmap, head_grid, head_overview, logit_lens, resid_norms,
+                      token_logprobs)
+from .html import tokens_html
+from .static import (attention_heatmap_mpl, head_grid_mpl, head_overview_mpl, logit_lens_mpl,
+                     resid_norms_mpl, token_logprobs_mpl)
+from .tokens import display_token, position_labels
+
+__all__ = [
+    "attention_heatmap", "attention_heatmap_mpl", "head_grid", "head_grid_mpl", "head_overview",
+    "head_overview_mpl", "logit_lens", "logit_lens_mpl", "resid_norms", "resid_norms_mpl",
+    "token_logprobs", "token_logprobs_mpl", "tokens_html",
+    "display_token", "position_labels",
+]
