@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-from .llama import (ActivationCache, DynamicCache, HookPoint, LlamaConfig, LlamaForCausalLM, LlamaModel,
-                    StaticCache, build_mask)
-
 __version__ = "0.1.0"
 
-# Names whose modules pull in more than torch are imported on first use.
+# Every public name is imported on first use, so `llamaviz --help` starts without loading torch.
 _LAZY = {
+    **{name: "llamaviz.llama" for name in ("ActivationCache", "DynamicCache", "HookPoint", "LlamaConfig",
+                                           "LlamaForCausalLM", "LlamaModel", "StaticCache", "build_mask")},
     "AutoTokenizer": "llamaviz.tokenizer",
     "LlamaTokenizer": "llamaviz.tokenizer",
     "LlamaTokenizerFast": "llamaviz.tokenizer",
@@ -34,6 +33,7 @@ def __getattr__(name: str):
 def load(path=None, dtype=None, device=None, attn_implementation: str = "sdpa", **kwargs):
     """(model, tokenizer) from a checkpoint folder or .gguf file; None loads the default model."""
     from .checkpoints.default import default_model_path
+    from .llama import LlamaForCausalLM
     from .tokenizer import AutoTokenizer
 
     path = default_model_path() if path is None else path
@@ -42,5 +42,4 @@ def load(path=None, dtype=None, device=None, attn_implementation: str = "sdpa", 
     return model, AutoTokenizer.from_pretrained(path)
 
 
-__all__ = ["ActivationCache", "DynamicCache", "HookPoint", "LlamaConfig", "LlamaForCausalLM", "LlamaModel",
-           "StaticCache", "build_mask", "load", *_LAZY]
+__all__ = ["load", *_LAZY]

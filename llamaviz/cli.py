@@ -1,0 +1,219 @@
+"""The `llamaviz` command (also `python -m llamaviz`): mask | run | app.
+
+Bad input (a missing model, an empty text, a layer out of range, an unknown task) ends with one line
+on stderr, `llamaviz: error: ...`, and exit status 2, never a traceback. Set LLAMAVIZ_DEBUG=1 to see
+the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TASKS = ("text-generation",)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BAD_INPUT = (ValueError, FileNotFoundError, KeyError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; main() prints it on one line and exits 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `llamaviz: error: <what> (see <command> --help)`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"llamaviz: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="llamaviz", description="Look inside a Llama: attention masks and weights in the "
+                    "terminal, text generation from stdin, and the web app.",
+                    epilog="--model takes an HF checkpoint folder, a .gguf file or a folder holding one .gguf; "
+                    "without it the default model (SmolLM2-135M-Instruct) is used.")
+    parser.add_argument("--version", action="version", version=f"llamaviz {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_mask(commands)
+    _add_run(commands)
+    _add_app(commands)
+    return parser
+
+
+def _add_mask(commands) -> None:
+    mask = commands.add_parser(
+        "mask", help="print the attention mask (or, with --layer, the attention weights) of a prompt",
+        description="Print which tokens each token may attend to. Only the config and tokenizer are read, "
+        "unless --layer asks for the attention weights (then the model is loaded). Several TEXTs make a "
+        "left-padded batch.")
+    mask.add_argument("text", nargs="+", metavar="TEXT", help="the prompt (give several for a padded batch)")
+    _add_model(mask)
+    mask.add_argument("--layer", type=int, metavar="L", help="show layer L's attention weights instead of the mask")
+    mask.add_argument("--head", type=_head, metavar="H", help="a head index, or 'mean' (default) over all heads")
+    mask.add_argument("--past-length", type=int, default=0, metavar="N",
+                      help="treat the first N tokens as already in the KV cache: rows are only the new tokens")
+    mask.add_argument("--max-tokens", type=int, metavar="N", help="show at most the last N tokens")
+    mask.add_argument("--width", type=int, metavar="COLUMNS", help="fit this many columns (default: the terminal's)")
+    mask.add_argument("--scale", choices=("row", "absolute"), default="row",
+                      help="weights view: shade by weight / row max (default) or by the raw weight")
+    colors = mask.add_mutually_exclusive_group()
+    colors.add_argument("--no-color", dest="color", action="store_false", default=None,
+                        help="no escape codes (default: colour on a terminal unless NO_COLOR is set)")
+    colors.add_argument("--color", dest="color", action="store_true", help="colour even when not on a terminal")
+
+
+def _add_run(commands) -> None:
+    run = commands.add_parser(
+        "run", help="generate a continuation for each prompt read from stdin",
+        description="Read prompts from stdin, one per line, and stream each continuation to stdout. "
+        'Example: echo "Plants create energy through a process known as" | llamaviz run --task text-generation')
+    run.add_argument("--task", choices=TASKS, default="text-generation", help="what to run (default: %(default)s)")
+    _add_model(run)
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: %(default)s)")
+    run.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+    run.add_argument("--max-new-tokens", type=int, default=50, metavar="N", help="tokens to generate (default: 50)")
+    run.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    run.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (default: 1.0)")
+    run.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens")
+    run.add_argument("--top-p", type=float, metavar="P", help="sample among the likeliest tokens covering P")
+    run.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="default: 1.0 (off)")
+    run.add_argument("--seed", type=int, help="random seed for sampling")
+    run.add_argument("--chat", action="store_true",
+                     help="wrap each line as a user message with the tokenizer's chat template")
+
+
+def _add_app(commands) -> None:
+    app = commands.add_parser("app", help="start the web app", description="Start the llamaviz web app (Gradio).")
+    _add_model(app)
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    app.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+
+
+def _add_model(parser) -> None:
+    parser.add_argument("--model", metavar="PATH", help="HF checkpoint folder, .gguf file, or folder holding one "
+                        ".gguf (default: the default model, SmolLM2-135M-Instruct)")
+
+
+def _head(value: str):
+    if value == "mean":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid head {value!r}: an integer or 'mean'") from None
+
+
+# ----- commands -----
+
+def run_mask(args) -> int:
+    from llamaviz.terminal import AttentionMaskVisualizer
+
+    if args.head is not None and args.layer is None:
+        raise UsageError("--head needs --layer")
+    viz = AttentionMaskVisualizer(args.model)
+    text = args.text[0] if len(args.text) == 1 else args.text
+    viz(text, layer=args.layer, head=args.head, past_length=args.past_length, color=args.color,
+        width=args.width, max_tokens=args.max_tokens, scale=args.scale)
+    return 0
+
+
+def run_generation(args) -> int:
+    import llamaviz
+    from llamaviz.streamers import TextStreamer
+
+    if args.max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    model, tokenizer = llamaviz.load(_model_path(args.model), dtype=None if args.dtype == "auto" else args.dtype,
+                                     device=args.device)
+    model.eval()
+    if sys.stdin.isatty():
+        print("llamaviz: reading prompts from stdin, one per line (Ctrl-D to end)", file=sys.stderr)
+    prompts = 0
+    for line in sys.stdin:
+        prompt = line.rstrip("\r\n")
+        if not prompt.strip():
+            continue
+        prompts += 1
+        ids = _prompt_ids(tokenizer, prompt, args.chat).to(model.device)  # [1, p]
+        model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       repetition_penalty=args.repetition_penalty, seed=args.seed, streamer=TextStreamer(tokenizer))
+    if not prompts:
+        raise UsageError("no prompt on stdin: the text is empty; pipe in one prompt per line")
+    return 0
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool):
+    """[1, p] ids of one prompt; with chat=True, of the prompt as a user turn plus the assistant header."""
+    import torch
+
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        return torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    return torch.tensor([tokenizer.encode(prompt)])
+
+
+def run_app(args) -> int:
+    try:
+        from llamaviz.app import launch
+    except ImportError as err:
+        raise UsageError(f"the web app is not available ({err}); install it with: pip install 'llamaviz[app]'") \
+            from None
+    launch(str(_model_path(args.model)), args.host, args.port)
+    return 0
+
+
+def _model_path(path):
+    """The --model path, checked to exist; None -> the default model's file."""
+    from pathlib import Path
+
+    if path is None:
+        from llamaviz.checkpoints.default import default_model_path
+
+        return default_model_path()
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"model path {path} does not exist; pass an HF checkpoint folder, a .gguf file "
+                                "or a folder holding one .gguf")
+    return path
+
+
+COMMANDS = {"mask": run_mask, "run": run_generation, "app": run_app}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, *BAD_INPUT) as err:
+        return _fail(err, 2)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as err:  # an unexpected failure: still one line unless debugging
+        if os.environ.get("LLAMAVIZ_DEBUG"):
+            raise
+        return _fail(err, 1, f"{type(err).__name__}: ", " (set LLAMAVIZ_DEBUG=1 for the traceback)")
+
+
+def _fail(err: BaseException, status: int, before: str = "", after: str = "") -> int:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    message = " ".join(str(message).split())  # one line
+    print(f"llamaviz: error: {before}{message}{after}", file=sys.stderr)
+    return status
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llamaviz")
+    except PackageNotFoundError:
+        return "0.1.0"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

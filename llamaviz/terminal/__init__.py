@@ -1,0 +1,8 @@
+"""The terminal side: AttentionMaskVisualizer and the pure renderers it (and the web app) draw with."""
+
+from .colors import resolve_palette, wants_color
+from .render import MASKED, MAY_ATTEND, PADDING, SHADES, render_html, render_mask, render_plain, render_weights
+from .visualizer import AttentionMaskVisualizer
+
+__all__ = ["AttentionMaskVisualizer", "render_mask", "render_weights", "render_plain", "render_html",
+           "resolve_palette", "wants_color", "MAY_ATTEND", "MASKED", "PADDING", "SHADES"]

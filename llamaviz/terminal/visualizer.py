@@ -1,0 +1,208 @@
+"""AttentionMaskVisualizer: a prompt -> the model's attention mask (or weights) printed in the terminal.
+
+The mask needs only the config and the tokenizer, so no weights are read until the weights view
+(layer=, head=) asks for them. Masks come from llamaviz.llama.masks.build_mask, the model's own builder.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from llamaviz.llama.masks import build_mask
+
+from .render import render_mask, render_weights
+
+PAD_LABEL = "<pad>"  # row label of padding positions, whatever the pad token is
+
+
+class Encoded(NamedTuple):
+    input_ids: torch.Tensor  # long [b, n], left-padded
+    attention_mask: torch.Tensor  # long [b, n], 0 at padding
+    tokens: list[list[str]]  # b lists of n token strings (padding shown as the pad token)
+
+
+class AttentionMaskVisualizer:
+    """Print which keys each token may attend to, as transformers' AttentionMaskVisualizer does, and more:
+    batches with left padding, sliding windows, a KV-cache decode step, and real attention weights.
+
+    path_or_model: an HF checkpoint folder, a .gguf file, a folder holding one .gguf, None (the default
+    model), or a loaded LlamaForCausalLM (then pass tokenizer= unless config.name_or_path is its folder).
+    """
+
+    def __init__(self, path_or_model=None, tokenizer=None, dtype=None, device=None):
+        self.dtype, self.device = dtype, device  # used when the weights view loads the model
+        if isinstance(path_or_model, torch.nn.Module):
+            self._model = path_or_model
+            self.config = path_or_model.config
+            self.path = _existing_path(self.config.name_or_path)
+            self.tokenizer = tokenizer if tokenizer is not None else _tokenizer_for_model(self.path)
+        else:
+            self._model = None
+            self.path, self.config, tokenizer_path = _open(path_or_model)
+            self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(tokenizer_path)
+        self.name = Path(self.config.name_or_path or self.path or "model").name
+
+    def __call__(self, text, file=None, **options) -> None:
+        """Print render(text, **options) to `file` (stdout); color=None decides by that stream."""
+        stream = sys.stdout if file is None else file
+        print(self.render(text, stream=stream, **options), file=stream)
+
+    # ----- what gets drawn -----
+
+    def render(self, text, *, layer: int | None = None, head=None, past_length: int = 0, color=None,
+               width: int | None = None, max_tokens: int | None = None, scale: str = "row", stream=None) -> str:
+        """The printout as a string. text: a prompt or a list of prompts (a left-padded batch).
+        layer= (and head=, an index or "mean", default "mean") switches to the weights view; past_length=N
+        treats the first N tokens as already in the KV cache, so rows are only the tokens after them."""
+        encoded = self.encode(text)
+        options = dict(attention_mask=encoded.attention_mask, color=color, width=width, max_tokens=max_tokens,
+                       stream=stream)
+        if layer is None and head is None:
+            panels = self._mask_panels(encoded, past_length)
+            return render_mask(encoded.tokens, panels, title=f"Attention mask · {self.name}",
+                               info=self._info("mask: " + ", ".join(panels)), **options)
+        layer, head = self.check_layer_head(layer, head)
+        mask = self.mask(encoded, past_length)  # [b, 1, p, n]
+        weights = self.weights(encoded, layer, head)[:, -mask.shape[2]:]  # [b, p, n]
+        heads = f"mean of {self.config.num_attention_heads} heads" if head == "mean" else f"head {head}"
+        return render_weights(encoded.tokens, weights, mask, title=f"Attention weights · {self.name}",
+                              info=self._info(f"layer {layer}, {heads}"), scale=scale, **options)
+
+    def encode(self, text) -> Encoded:
+        """Tokenize one prompt or a list of them, left-padding to the longest (as generation does)."""
+        texts = _check_texts(text)
+        ids = [self._token_ids(t) for t in texts]
+        length = max(len(row) for row in ids)
+        pad_id = self._pad_id()
+        input_ids = torch.tensor([[pad_id] * (length - len(row)) + row for row in ids])  # [b, n]
+        attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in ids])  # [b, n]
+        tokens = [[PAD_LABEL] * (length - len(row)) + self._token_strings(row) for row in ids]
+        return Encoded(input_ids, attention_mask, tokens)
+
+    def mask(self, encoded: Encoded, past_length: int = 0, sliding_window="config") -> torch.Tensor:
+        """The model's mask for these inputs, bool [b, 1, p, n]: the last p = n - past_length tokens are queries."""
+        n = encoded.input_ids.shape[1]
+        if isinstance(past_length, bool) or not isinstance(past_length, int) or not 0 <= past_length < n:
+            raise ValueError(f"past_length must be an integer in 0..{n - 1} (the prompt has {n} tokens, and at "
+                             f"least one must be new), got {past_length!r}")
+        window = self.config.sliding_window if sliding_window == "config" else sliding_window
+        return build_mask(n - past_length, n, past_length, encoded.attention_mask, window)
+
+    def weights(self, encoded: Encoded, layer: int, head) -> torch.Tensor:
+        """Attention probabilities of `layer` for every query, float [b, n, n]: one head, or their mean."""
+        layer, head = self.check_layer_head(layer, head)
+        model = self.model
+        name = f"blocks.{layer}.attn.hook_pattern"
+        with torch.no_grad():
+            _, cache = model.run_with_cache(encoded.input_ids.to(model.device), names_filter=name,
+                                            attention_mask=encoded.attention_mask.to(model.device))
+        pattern = cache[name].float().cpu()  # [b, h, n, n]
+        return pattern.mean(dim=1) if head == "mean" else pattern[:, head]
+
+    def check_layer_head(self, layer, head) -> tuple[int, int | str]:
+        """(layer, head) validated against the config; head None -> "mean". ValueError names the valid range."""
+        layers, heads = self.config.num_hidden_layers, self.config.num_attention_heads
+        if layer is None:
+            raise ValueError(f"head= needs layer= as well (a layer in 0..{layers - 1})")
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"layer must be an integer in 0..{layers - 1}, got {layer!r}")
+        if not 0 <= layer < layers:
+            raise ValueError(f"layer {layer} is out of range: {self.name} has {layers} layers, 0..{layers - 1}")
+        if head is None or head == "mean":
+            return layer, "mean"
+        if isinstance(head, bool) or not isinstance(head, int):
+            raise ValueError(f"head must be an integer in 0..{heads - 1} or 'mean', got {head!r}")
+        if not 0 <= head < heads:
+            raise ValueError(f"head {head} is out of range: {self.name} has {heads} heads per layer, "
+                             f"0..{heads - 1} (or 'mean')")
+        return layer, head
+
+    @property
+    def model(self):
+        """The LlamaForCausalLM, loaded from the path on first use (only the weights view needs it)."""
+        if self._model is None:
+            from llamaviz.llama.modeling import LlamaForCausalLM
+
+            self._model = LlamaForCausalLM.from_pretrained(self.path, dtype=self.dtype, device=self.device).eval()
+        return self._model
+
+    # ----- pieces -----
+
+    def _mask_panels(self, encoded: Encoded, past_length: int) -> dict[str, torch.Tensor]:
+        """{"causal": mask}, or causal and sliding-window masks side by side when the config has a window."""
+        window = self.config.sliding_window
+        causal = self.mask(encoded, past_length, sliding_window=None)
+        if window is None:
+            return {"causal": causal}
+        return {"causal": causal, f"sliding window ({window})": self.mask(encoded, past_length)}
+
+    def _info(self, view: str) -> list[str]:
+        c = self.config
+        heads = f"{c.num_attention_heads} heads" + (f" ({c.num_key_value_heads} KV)"
+                                                    if c.num_key_value_heads != c.num_attention_heads else "")
+        return [f"{c.num_hidden_layers} layers · {heads} · context {c.max_position_embeddings}", view]
+
+    def _token_ids(self, text: str) -> list[int]:
+        ids = list(self.tokenizer.encode(text))
+        if not ids:
+            raise ValueError(f"text {text!r:.60} gives no tokens")
+        return [int(i) for i in ids]
+
+    def _token_strings(self, ids: list[int]) -> list[str]:
+        """The tokens as the vocabulary spells them (what transformers' visualizer shows)."""
+        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+        if convert is not None:
+            return [str(t) for t in convert(ids)]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def _pad_id(self) -> int:
+        """The tokenizer's pad token, else the config's, else eos, else 0 (masked out either way)."""
+        candidates = (getattr(self.tokenizer, "pad_token_id", None), self.config.pad_token_id,
+                      getattr(self.tokenizer, "eos_token_id", None), *self.config.eos_token_ids, 0)
+        return next(int(i) for i in candidates if i is not None)
+
+
+def _check_texts(text) -> list[str]:
+    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"text must be a string or a non-empty list of strings, got {text!r:.80}")
+    for index, t in enumerate(texts):
+        if not t.strip():
+            where = "" if len(texts) == 1 else f" (prompt {index})"
+            raise ValueError(f"text is empty{where}; pass a prompt with at least one non-space character")
+    return texts
+
+
+def _open(path):
+    """(path, config, tokenizer path) from a checkpoint path; None is the default model. Reads no weights."""
+    from llamaviz.checkpoints import open_checkpoint
+
+    if path is None:
+        from llamaviz.checkpoints.default import default_model_path
+
+        path = default_model_path()
+    if not isinstance(path, (str, Path)):
+        raise ValueError(f"path_or_model must be a checkpoint path or a loaded model, got {type(path).__name__}")
+    checkpoint = open_checkpoint(path)
+    return checkpoint.path, checkpoint.config, checkpoint.tokenizer_path
+
+
+def _load_tokenizer(path):
+    from llamaviz.tokenizer import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _existing_path(name) -> Path | None:
+    path = Path(name).expanduser() if name else None
+    return path if path is not None and path.exists() else None
+
+
+def _tokenizer_for_model(path: Path | None):
+    if path is None:
+        raise ValueError("a loaded model needs tokenizer= (its config.name_or_path is not a checkpoint on disk)")
+    return _load_tokenizer(path)
