@@ -76,6 +76,12 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        rope = values.get("rope_parameters")
+        if isinstance(rope, dict):  # transformers >= 5 writes rope_theta and the scaling in one block
+            scaling = values.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+            values = {**values, "rope_theta": rope.get("rope_theta", values.get("rope_theta", 10000.0)),
+                      "rope_scaling": scaling or None}
+            values.pop("rope_parameters")
         kwargs = {k: v for k, v in values.items() if k in known}
         if "dtype" in values and "torch_dtype" not in kwargs:
             kwargs["torch_dtype"] = values["dtype"]

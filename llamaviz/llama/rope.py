@@ -15,7 +15,7 @@ from .config import LlamaConfig
 
 
 def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # [d/2]
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))  # [d/2]
 
 
 def _linear(config: LlamaConfig, dim: int) -> torch.Tensor:

@@ -1,0 +1,353 @@
+"""GGUF files (llama.cpp): metadata, config and dequantized tensors under Hugging Face names.
+
+The header is parsed here rather than by gguf.GGUFReader, which builds numpy views per string and
+takes ~1.6 s on the default model's ~100k vocabulary and merge strings; this parser takes ~50 ms
+and returns the same values (tests check it). Tensor data is memory-mapped and dequantized one
+tensor at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from llamaviz.checkpoints import quants
+from llamaviz.checkpoints.base import Checkpoint, TensorInfo, unpermute_rope_rows
+from llamaviz.llama.config import LlamaConfig
+
+_STRING, _ARRAY = 8, 9
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_DEFAULT_ALIGNMENT = 32
+
+
+def open_gguf(path: str | Path):
+    """A gguf.GGUFReader over `path` (memory-mapped); clear errors for a missing or corrupt file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    try:
+        return GGUFReader(path)
+    except Exception as err:  # the reader raises ValueError/IndexError/struct.error on bad bytes
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {err}") from None
+
+
+def gguf_metadata(reader_or_path) -> dict[str, Any]:
+    """Every key/value field of a GGUF file as plain Python values (strings, numbers, lists)."""
+    if isinstance(reader_or_path, (str, Path)):
+        return read_gguf_header(reader_or_path).metadata
+    metadata = {}
+    for name, field in reader_or_path.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        metadata[name] = field.contents()
+    return metadata
+
+
+# ----- the header -----
+
+@dataclass
+class GGUFTensor:
+    name: str  # llama.cpp's name, e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]  # row-major (HF) order: GGUF lists dims fastest-first, this is reversed
+    ggml_type: GGMLQuantizationType
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+@dataclass
+class GGUFHeader:
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensor]
+
+
+class _Cursor:
+    """Sequential little-endian reads over the file's bytes."""
+
+    def __init__(self, buffer: memoryview):
+        self.buffer, self.pos = buffer, 0
+
+    def scalar(self, fmt: str):
+        value = struct.unpack_from(fmt, self.buffer, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.scalar("<Q")
+        end = self.pos + length
+        if end > len(self.buffer):
+            raise EOFError("string runs past the end of the file")
+        text = str(self.buffer[self.pos:end], "utf-8")
+        self.pos = end
+        return text
+
+    def value(self, value_type: int):
+        if value_type == _STRING:
+            return self.string()
+        if value_type == _ARRAY:
+            item_type, count = self.scalar("<I"), self.scalar("<Q")
+            return self.array(item_type, count)
+        if value_type not in _SCALARS:
+            raise ValueError(f"unknown GGUF value type {value_type}")
+        return self.scalar(_SCALARS[value_type])
+
+    def array(self, item_type: int, count: int) -> list:
+        if item_type in _SCALARS:  # numbers: one numpy read
+            dtype = np.dtype(_SCALARS[item_type])
+            end = self.pos + count * dtype.itemsize
+            if end > len(self.buffer):
+                raise EOFError("array runs past the end of the file")
+            values = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.pos).tolist()
+            self.pos = end
+            return values
+        return [self.value(item_type) for _ in range(count)]
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """Metadata and tensor table of a GGUF file; ValueError naming the problem for a corrupt one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    with open(path, "rb") as handle:
+        mapped = np.memmap(handle, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    try:
+        header = _parse(path, memoryview(mapped))
+    except (struct.error, EOFError, UnicodeDecodeError, OverflowError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {err}") from None
+    _check_tensor_extents(header, len(mapped))
+    return header
+
+
+def _parse(path: Path, buffer: memoryview) -> GGUFHeader:
+    cursor = _Cursor(buffer)
+    if bytes(buffer[:4]) != b"GGUF":
+        raise ValueError(f"bad magic {bytes(buffer[:4])!r}, expected b'GGUF'")
+    cursor.pos = 4
+    version = cursor.scalar("<I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported; accepted: 2, 3 (little-endian)")
+    n_tensors, n_fields = cursor.scalar("<Q"), cursor.scalar("<Q")
+    metadata = {}
+    for _ in range(n_fields):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.scalar("<I"))
+    table = [_tensor_entry(cursor) for _ in range(n_tensors)]
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    data_start = -(-cursor.pos // alignment) * alignment
+    tensors = [GGUFTensor(name, shape, kind, data_start + offset, _nbytes(name, kind, shape))
+               for name, shape, kind, offset in table]
+    return GGUFHeader(path, version, metadata, tensors)
+
+
+def _tensor_entry(cursor: _Cursor) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
+    name = cursor.string()
+    dims = [cursor.scalar("<Q") for _ in range(cursor.scalar("<I"))]
+    type_id, offset = cursor.scalar("<I"), cursor.scalar("<Q")
+    try:
+        kind = GGMLQuantizationType(type_id)
+    except ValueError:
+        raise ValueError(f"tensor {name!r} has unknown GGML type id {type_id}") from None
+    return name, tuple(reversed(dims)), kind, offset
+
+
+def _nbytes(name: str, kind: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
+    if kind not in GGML_QUANT_SIZES:
+        raise ValueError(f"tensor {name!r} has GGML type {kind.name}, whose block size gguf does not know")
+    block_size = GGML_QUANT_SIZES[kind][0]
+    if shape and shape[-1] % block_size:
+        raise ValueError(f"tensor {name!r}: row length {shape[-1]} is not a multiple of the "
+                         f"{kind.name} block size {block_size}")
+    return quants.tensor_nbytes(kind, math.prod(shape))
+
+
+def _check_tensor_extents(header: GGUFHeader, file_size: int) -> None:
+    for tensor in header.tensors:
+        if tensor.offset + tensor.nbytes > file_size:
+            raise ValueError(
+                f"{header.path} is truncated: tensor {tensor.name!r} ends at byte {tensor.offset + tensor.nbytes} "
+                f"but the file has {file_size} bytes")
+
+
+# ----- the config -----
+
+_LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def config_from_gguf(metadata: dict[str, Any], tensor_names=(), rope_freqs: torch.Tensor | None = None,
+                     ) -> LlamaConfig:
+    """LlamaConfig from llama.cpp's `llama.*` and `tokenizer.ggml.*` keys; ValueError for other architectures."""
+    architecture = metadata.get("general.architecture")
+    if architecture != "llama":
+        raise ValueError(f"GGUF architecture {architecture!r} is not supported; accepted: 'llama'")
+    if metadata.get("llama.expert_count", 0) > 0:
+        raise ValueError(f"this GGUF is a mixture of experts (llama.expert_count = {metadata['llama.expert_count']}, "
+                         "e.g. Mixtral); accepted: dense Llama models")
+    heads = _required(metadata, "attention.head_count", "num_attention_heads")
+    hidden = _required(metadata, "embedding_length", "hidden_size")
+    head_dim = (metadata.get("llama.attention.key_length") or metadata.get("llama.rope.dimension_count")
+                or hidden // heads)
+    return LlamaConfig(
+        vocab_size=_vocab_size(metadata),
+        hidden_size=hidden,
+        intermediate_size=_required(metadata, "feed_forward_length", "intermediate_size"),
+        num_hidden_layers=_required(metadata, "block_count", "num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=_one_per_model(metadata.get("llama.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=_required(metadata, "attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+        rope_theta=metadata.get("llama.rope.freq_base", 10000.0),
+        rope_scaling=_rope_scaling(metadata, rope_freqs, head_dim),
+        max_position_embeddings=_required(metadata, "context_length", "max_position_embeddings"),
+        tie_word_embeddings="output.weight" not in tensor_names,  # llama.cpp drops a tied output matrix
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _required(metadata: dict[str, Any], key: str, field: str):
+    if f"llama.{key}" not in metadata:
+        raise ValueError(f"GGUF metadata lacks 'llama.{key}', needed for LlamaConfig.{field}")
+    return _one_per_model(metadata[f"llama.{key}"])
+
+
+def _one_per_model(value):
+    """Some files store a per-layer list; a Llama has one value for every layer."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ValueError(f"per-layer values {value} differ; a Llama uses one value for every layer")
+        return value[0]
+    return value
+
+
+def _vocab_size(metadata: dict[str, Any]) -> int:
+    if "llama.vocab_size" in metadata:
+        return metadata["llama.vocab_size"]
+    if "tokenizer.ggml.tokens" in metadata:
+        return len(metadata["tokenizer.ggml.tokens"])
+    raise ValueError("GGUF metadata has neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens'")
+
+
+def _rope_scaling(metadata: dict[str, Any], rope_freqs: torch.Tensor | None, head_dim: int) -> dict | None:
+    """rope.scaling.* keys -> HF rope_scaling; a rope_freqs tensor means Llama 3 scaling (llama.cpp stores it so)."""
+    if rope_freqs is not None:
+        return _llama3_scaling_from_freqs(metadata, rope_freqs, head_dim)
+    rope_type = metadata.get("llama.rope.scaling.type", "none")
+    factor = metadata.get("llama.rope.scaling.factor", metadata.get("llama.rope.scale_linear"))
+    if (rope_type == "none" and factor is None) or factor == 1.0:
+        return None
+    scaling = {"rope_type": "linear" if rope_type == "none" else rope_type, "factor": factor}
+    if "llama.rope.scaling.original_context_length" in metadata:
+        scaling["original_max_position_embeddings"] = metadata["llama.rope.scaling.original_context_length"]
+    return scaling  # LlamaConfig rejects the types the model cannot compute (e.g. yarn), naming them
+
+
+def llama3_rope_factors(scaling: dict, theta: float, head_dim: int) -> torch.Tensor:
+    """The per-frequency divisors llama.cpp stores as rope_freqs for Llama 3 scaling: [d/2]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    old = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    smooth = (old / wavelen - low) / (high - low)
+    medium = 1 / ((1 - smooth) / factor + smooth)
+    return torch.where(wavelen < old / high, 1.0, torch.where(wavelen > old / low, factor, medium))
+
+
+def _llama3_scaling_from_freqs(metadata: dict[str, Any], rope_freqs: torch.Tensor, head_dim: int) -> dict:
+    """Recover Llama 3 rope_scaling: factor = the largest divisor; Meta's other constants, checked against the file."""
+    scaling = {"rope_type": "llama3", "factor": float(rope_freqs.max()), **_LLAMA3_ROPE_DEFAULTS}
+    if "llama.rope.scaling.original_context_length" in metadata:
+        scaling["original_max_position_embeddings"] = metadata["llama.rope.scaling.original_context_length"]
+    expected = llama3_rope_factors(scaling, metadata.get("llama.rope.freq_base", 10000.0), head_dim)
+    if expected.shape != rope_freqs.shape or not torch.allclose(expected, rope_freqs.double(), rtol=1e-4):
+        raise ValueError(f"the file's rope_freqs tensor does not match Llama 3 rope scaling {scaling}; "
+                         "accepted: rope_freqs written by llama.cpp for rope_type 'llama3'")
+    return scaling
+
+
+# ----- the tensors -----
+
+_TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_PER_LAYER = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_NOT_WEIGHTS = {"rope_freqs.weight"}  # RoPE factors, folded into the config
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """llama.cpp tensor name -> HF name ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight").
+
+    Names with no HF counterpart come back unchanged, so loading reports them as unexpected.
+    """
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem in _TOP_LEVEL:
+        return f"{_TOP_LEVEL[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _PER_LAYER:
+        return f"model.layers.{parts[1]}.{_PER_LAYER[parts[2]]}.{suffix}"
+    return gguf_name
+
+
+class GGUFCheckpoint(Checkpoint):
+    """A llama.cpp .gguf file: tensors dequantized to float32 and un-permuted, one at a time."""
+
+    format = "gguf"
+    fresh_tensors = True  # dequantized into new memory (F32 ones are copied out of the file)
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        header = read_gguf_header(path)
+        by_name = {tensor.name: tensor for tensor in header.tensors}
+        try:
+            config = config_from_gguf(header.metadata, tuple(by_name), self._rope_freqs(path, by_name))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        config.name_or_path = str(path)
+        self._sources = {hf_tensor_name(t.name): t for t in header.tensors if t.name not in _NOT_WEIGHTS}
+        _check_dequantizable(path, self._sources.values())
+        infos = {name: TensorInfo(t.shape, t.nbytes, path) for name, t in self._sources.items()}
+        super().__init__(path, config, torch.float32, path, infos)
+        self.metadata = header.metadata
+
+    @staticmethod
+    def _rope_freqs(path: Path, by_name: dict[str, GGUFTensor]) -> torch.Tensor | None:
+        tensor = by_name.get("rope_freqs.weight")
+        if tensor is None:
+            return None
+        mapped = np.memmap(path, mode="c", offset=tensor.offset, shape=(tensor.nbytes,))
+        return quants.dequantize(mapped, tensor.ggml_type, tensor.shape)
+
+    def _read(self, wanted: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+        mapped = np.memmap(self.path, mode="c")  # copy-on-write: writable views, nothing copied
+        for name, source in self._sources.items():
+            if wanted is None or name in wanted:
+                raw = mapped[source.offset:source.offset + source.nbytes]
+                yield name, self._hf_layout(name, quants.dequantize(raw, source.ggml_type, source.shape))
+
+    def _hf_layout(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Undo llama.cpp's interleaved-RoPE row order on q (per query head) and k (per key/value head)."""
+        if ".self_attn.q_proj." in name:
+            return unpermute_rope_rows(weight, self.config.num_attention_heads)
+        if ".self_attn.k_proj." in name:
+            return unpermute_rope_rows(weight, self.config.num_key_value_heads)
+        return weight
+
+
+def _check_dequantizable(path: Path, tensors) -> None:
+    for tensor in tensors:
+        if not quants.can_dequantize(tensor.ggml_type):
+            raise ValueError(
+                f"{path}: tensor {tensor.name!r} has GGML type {tensor.ggml_type.name}, which cannot be "
+                f"dequantized; supported: {', '.join(quants.supported_types())}")

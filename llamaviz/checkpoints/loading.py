@@ -1,0 +1,324 @@
+"""Opening any checkpoint, and filling a model built on the meta device from its tensor stream.
+
+dtype=None follows transformers 5, whose from_pretrained default is dtype="auto": the checkpoint's
+own dtype (config.json's torch_dtype/dtype, else its first floating tensor's dtype). Llama GGUF
+files load in float32, as transformers' GGUF loader dequantizes them to float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llamaviz.checkpoints.base import Checkpoint
+from llamaviz.checkpoints.gguf import GGUFCheckpoint
+from llamaviz.checkpoints.hf import WEIGHT_FILES, open_hf_folder
+from llamaviz.checkpoints.meta import MetaCheckpoint, is_meta_folder
+from llamaviz.llama.config import LlamaConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+PROGRESS_MIN_BYTES = 500_000_000  # a bar is drawn above this many bytes unless asked otherwise
+_IGNORED_UNEXPECTED = re.compile(r"(^|\.)inv_freq$")  # RoPE tables older checkpoints saved; recomputed
+_NEW_HEADS = ("score.", "qa_outputs.")  # task heads a base checkpoint lacks: initialised fresh
+_BASE_PREFIXES = ("model.", "transformer.")  # where transformers' Llama classes keep their LlamaModel
+_INIT_PATCH_LOCK = threading.Lock()
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """A Checkpoint for an HF folder, a .gguf file, a folder holding one .gguf, or a Meta folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; expected {_ACCEPTED}")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return GGUFCheckpoint(path)
+        if path.suffix in (".safetensors", ".bin", ".json"):
+            return open_hf_folder(path.parent)
+        raise ValueError(f"{path} is not a checkpoint file; expected {_ACCEPTED}")
+    ggufs = sorted(path.glob("*.gguf"))
+    if is_meta_folder(path):
+        return MetaCheckpoint(path)
+    if len(ggufs) == 1 and not _has_hf_weights(path):
+        return GGUFCheckpoint(ggufs[0])
+    if len(ggufs) > 1 and not _has_hf_weights(path):
+        raise ValueError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(f.name for f in ggufs)}); "
+                         "pass the path of the one to load")
+    if (path / "config.json").is_file() or _has_hf_weights(path):
+        return open_hf_folder(path)  # names the weight files it looked for when there are none
+    raise FileNotFoundError(f"no weights in {path}; expected {_ACCEPTED}")
+
+
+_ACCEPTED = ("an HF folder (config.json with model.safetensors, model.safetensors.index.json or "
+             "pytorch_model.bin(.index.json)), a .gguf file, a folder holding one .gguf, or a Meta folder "
+             "(params.json + consolidated.*.pth)")
+
+
+def _has_hf_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for _, single, index in WEIGHT_FILES for name in (single, index))
+
+
+def resolve_dtype(dtype=None, checkpoint: Checkpoint | None = None) -> torch.dtype:
+    """float32 | bfloat16 | float16 from a torch dtype or its name; None or "auto" -> the checkpoint's own dtype."""
+    if dtype is None or dtype == "auto":
+        own = checkpoint.source_dtype if checkpoint is not None else torch.float32
+        return own if own in DTYPES.values() else torch.float32
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        name = _DTYPE_ALIASES.get(name, name)
+        if name in DTYPES:
+            return DTYPES[name]
+    elif isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype {dtype!r} is not supported; accepted: torch.float32, torch.bfloat16, torch.float16, "
+                     "their names ('float32', 'bfloat16', 'float16'), or None/'auto' for the checkpoint's own dtype")
+
+
+def resolve_device(device=None) -> torch.device:
+    """torch.device from "cpu" | "cuda" | "cuda:N" | "mps" | "auto" (cuda, mps, cpu) | int N (cuda:N) | None (cpu)."""
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in DEVICE_TYPES:
+        raise ValueError(f"device {device!r} is not supported; accepted: 'cpu', 'cuda', 'cuda:N', 'mps', 'auto', "
+                         "an int N (cuda:N) or None (cpu)")
+    _check_available(resolved)
+    return resolved
+
+
+def _check_available(device: torch.device) -> None:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA "
+                             "device(s) exist")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but MPS is not available; use 'cpu' or 'auto'")
+
+
+def load_pretrained(model_class, path, dtype=None, device=None, attn_implementation: str = "sdpa",
+                    progress: bool | None = None, **model_kwargs):
+    """Build `model_class` on the meta device and fill it from the checkpoint at `path`, one tensor at a time.
+
+    Keyword arguments naming LlamaConfig fields (e.g. num_labels=3) override the config; the rest go
+    to the model's constructor. progress: True/False forces the stderr bar; None shows it above 500 MB.
+    """
+    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    dtype, device = resolve_dtype(dtype, checkpoint), resolve_device(device)
+    config, model_kwargs = _configure(checkpoint.config, dtype, model_kwargs)
+    with torch.device("meta"), _no_init_on_meta():
+        model = model_class(config, attn_implementation=attn_implementation, **model_kwargs)
+    materialize(model, device, dtype)
+    targets = model.state_dict(keep_vars=True)
+    plan, new_heads = _plan(checkpoint, model, targets, config)
+    _fill(checkpoint, targets, plan, progress)
+    _init_new_heads(targets, new_heads, config.initializer_range)
+    model.post_load()
+    model.eval()
+    model.name_or_path = config.name_or_path
+    return model
+
+
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter (in `dtype`) and buffer uninitialised storage on `device`; shared ones stay shared.
+
+    What model.to(dtype).to_empty(device) does, without the Python reference ops those route meta
+    tensors through (their first use imports sympy: ~1 s).
+    """
+    fresh: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for slots, is_param in ((module._parameters, True), (module._buffers, False)):
+            for name, tensor in slots.items():
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if id(tensor) not in fresh:
+                    kind = dtype if is_param and tensor.is_floating_point() else tensor.dtype
+                    empty = torch.empty(tensor.shape, dtype=kind, device=device)
+                    fresh[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if is_param else empty
+                slots[name] = fresh[id(tensor)]
+
+
+@contextlib.contextmanager
+def _no_init_on_meta():
+    """Skip torch.nn.init's random fills on meta tensors: they hold no data, and the first one costs ~1 s of imports.
+
+    Only meta tensors are skipped, so a model built at the same time in another thread still gets its init.
+    """
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+
+    def skipping(original):
+        def init(tensor, *args, **kwargs):
+            return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+        return init
+
+    with _INIT_PATCH_LOCK:  # one patcher at a time, so the originals restored are the real ones
+        originals = {name: getattr(nn.init, name) for name in names}
+        for name, original in originals.items():
+            setattr(nn.init, name, skipping(original))
+        try:
+            yield
+        finally:
+            for name, original in originals.items():
+                setattr(nn.init, name, original)
+
+
+def _configure(config: LlamaConfig, dtype: torch.dtype, kwargs: dict) -> tuple[LlamaConfig, dict]:
+    """A copy of the config with the dtype and any field overrides; the kwargs left for the model."""
+    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+    overrides = {k: v for k, v in kwargs.items() if k in fields}
+    config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."), **overrides)
+    return config, {k: v for k, v in kwargs.items() if k not in fields}
+
+
+
+def _model_key(name: str, model_keys, prefix: str) -> str | None:
+    """The model's key for a checkpoint key: as is, or with the base-model prefix dropped or swapped for `prefix`."""
+    if name in model_keys:
+        return name
+    bare = next((name[len(p):] for p in _BASE_PREFIXES if name.startswith(p)), name)
+    for key in (bare, f"{prefix}.{bare}"):
+        if key in model_keys:
+            return key
+    return None
+
+
+def _plan(checkpoint: Checkpoint, model, targets: dict, config: LlamaConfig):
+    """checkpoint key -> model key for every tensor to copy, and the fresh task-head keys; errors and warnings."""
+    plan, unexpected = {}, []
+    prefix, model_name = getattr(model, "base_model_prefix", "model"), type(model).__name__
+    for name in checkpoint.tensor_names():
+        key = _model_key(name, targets, prefix)
+        if key is None:
+            if not _IGNORED_UNEXPECTED.search(name):
+                unexpected.append(name)
+        elif not (key.endswith("lm_head.weight") and config.tie_word_embeddings):
+            plan[name] = key
+    tied = {key for key in targets if key.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+    covered = set(plan.values()) | tied
+    missing = [key for key in targets if key not in covered]
+    new_heads = [key for key in missing if key.startswith(_NEW_HEADS)]
+    _report(checkpoint, model_name, unexpected, [key for key in missing if key not in new_heads], new_heads)
+    for name, key in plan.items():
+        _check_shape(checkpoint, name, tuple(targets[key].shape), config, model_name)
+    return plan, new_heads
+
+
+def _report(checkpoint: Checkpoint, model_name: str, unexpected: list, missing: list, new_heads: list) -> None:
+    if missing:
+        raise ValueError(f"{checkpoint.path} lacks {len(missing)} weight(s) {model_name} needs: {_some(missing)}")
+    if unexpected:
+        warnings.warn(f"{len(unexpected)} weight(s) of {checkpoint.path} were not used by {model_name}: "
+                      f"{_some(unexpected)}", stacklevel=4)
+    if new_heads:
+        warnings.warn(f"Some weights of {model_name} were not initialized from the checkpoint at {checkpoint.path} "
+                      f"and are newly initialized: {new_heads}. Train this head before using its predictions.",
+                      stacklevel=4)
+
+
+def _some(names: list[str], shown: int = 8) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+# which config field sizes each dim of a parameter (matched on the key's ending)
+_DIM_FIELDS = {
+    "embed_tokens.weight": ("vocab_size", "hidden_size"), "lm_head.weight": ("vocab_size", "hidden_size"),
+    "q_proj.weight": ("num_attention_heads * head_dim", "hidden_size"),
+    "k_proj.weight": ("num_key_value_heads * head_dim", "hidden_size"),
+    "v_proj.weight": ("num_key_value_heads * head_dim", "hidden_size"),
+    "o_proj.weight": ("hidden_size", "num_attention_heads * head_dim"),
+    "q_proj.bias": ("num_attention_heads * head_dim",), "k_proj.bias": ("num_key_value_heads * head_dim",),
+    "v_proj.bias": ("num_key_value_heads * head_dim",), "o_proj.bias": ("hidden_size",),
+    "gate_proj.weight": ("intermediate_size", "hidden_size"), "up_proj.weight": ("intermediate_size", "hidden_size"),
+    "down_proj.weight": ("hidden_size", "intermediate_size"), "gate_proj.bias": ("intermediate_size",),
+    "up_proj.bias": ("intermediate_size",), "down_proj.bias": ("hidden_size",),
+    "norm.weight": ("hidden_size",), "layernorm.weight": ("hidden_size",),
+    "score.weight": ("num_labels", "hidden_size"), "qa_outputs.weight": ("2 (start, end)", "hidden_size"),
+}
+
+
+def _check_shape(checkpoint: Checkpoint, name: str, expected: tuple, config: LlamaConfig, model_name: str) -> None:
+    info = checkpoint.infos[name]
+    if info.shape == expected:
+        return
+    message = (f"{name} in {info.file} has shape {info.shape}, but {model_name} built from the config "
+               f"expects {expected}")
+    fields = next((f for suffix, f in _DIM_FIELDS.items() if name.endswith(suffix)), ())
+    if len(info.shape) == len(expected) == len(fields):
+        dim = next(d for d in range(len(expected)) if info.shape[d] != expected[d])
+        message += (f": the config's {fields[dim]} gives {expected[dim]} but the weights have {info.shape[dim]}; "
+                    f"fix {fields[dim]} in the config (from {config.name_or_path or 'the checkpoint'}) "
+                    "or load the matching weights")
+    raise ValueError(message)
+
+
+def _fill(checkpoint: Checkpoint, targets: dict, plan: dict, progress: bool | None) -> None:
+    """Put each streamed tensor into its parameter: adopted when the reader made it fresh in the right
+    dtype (no copy, no page faults), else copied in (cast to the parameter's dtype, moved to its device)."""
+    total = sum(checkpoint.infos[name].nbytes for name in plan)
+    bar = ProgressBar(total, f"Loading {checkpoint.path.name}",
+                      enabled=progress if progress is not None else total > PROGRESS_MIN_BYTES)
+    with torch.no_grad():
+        for name, tensor in checkpoint.tensors(plan):
+            target = targets[plan[name]]
+            if tensor.shape != target.shape:  # the file's header promised another shape
+                raise ValueError(f"{name} in {checkpoint.infos[name].file} holds shape {tuple(tensor.shape)}, "
+                                 f"its header says {checkpoint.infos[name].shape}; the file is corrupt")
+            if checkpoint.fresh_tensors and tensor.dtype == target.dtype and tensor.device == target.device:
+                target.data = tensor
+            else:
+                target.copy_(tensor)
+            bar.update(checkpoint.infos[name].nbytes)
+    bar.close()
+
+
+def _init_new_heads(targets: dict, keys: list[str], std: float) -> None:
+    """Fresh task heads: normal(0, initializer_range) weights and zero biases, like transformers."""
+    with torch.no_grad():
+        for key in keys:
+            if key.endswith(".bias"):
+                targets[key].zero_()
+            else:
+                targets[key].normal_(mean=0.0, std=std)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr: `Loading x.gguf [#####.....] 52% 51/98 MB`."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True, width: int = 30, stream=None):
+        self.total, self.label, self.enabled, self.width = max(total, 1), label, enabled, width
+        self.stream = stream or sys.stderr
+        self.done, self._last_draw = 0, 0.0
+
+    def update(self, amount: int) -> None:
+        self.done += amount
+        now = time.monotonic()
+        if self.enabled and (now - self._last_draw > 0.1 or self.done >= self.total):
+            self._last_draw = now
+            filled = self.width * min(self.done, self.total) // self.total
+            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
+                              f"{100 * self.done // self.total:3d}% {self.done >> 20}/{self.total >> 20} MB")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
