@@ -78,7 +78,7 @@ def encode(tok, text: str) -> tuple[torch.Tensor, list[str]]:
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text must be a non-empty string; got {text!r}")
     ids = tok(text, return_tensors="pt")["input_ids"]                      # [1, p]
-    return ids, tok.convert_ids_to_tokens(ids[0].tolist())
+    return ids, tok.display_tokens(ids[0].tolist())
 
 
 def run(model, tok, text: str, names: list[str]) -> Run:
@@ -123,7 +123,7 @@ def logit_lens_table(tok, cache) -> tuple[torch.Tensor, list[list[str]]]:
     lens = cache.logit_lens(top_k=1)
     probs = lens["top_probs"][:, 0, :, 0].float().cpu()                     # [layers+1, p]
     ids = lens["top_ids"][:, 0, :, 0].cpu()                                  # [layers+1, p]
-    return probs, [tok.convert_ids_to_tokens(row.tolist()) for row in ids]
+    return probs, [tok.display_tokens(row.tolist()) for row in ids]
 
 
 def token_logprob_table(tok, input_ids: torch.Tensor, logits: torch.Tensor, top_k: int = 5,
@@ -135,7 +135,7 @@ def token_logprob_table(tok, input_ids: torch.Tensor, logits: torch.Tensor, top_
     chosen = logprobs[:-1].gather(-1, ids[1:, None])[:, 0]                   # [p-1]
     values = torch.cat([torch.tensor([float("nan")]), chosen])              # [p]
     top_probs, top_ids = logprobs[:-1].exp().topk(top_k, dim=-1)             # [p-1, top_k]
-    alternatives = [[]] + [list(zip(tok.convert_ids_to_tokens(row_ids.tolist()), row_probs.tolist()))
+    alternatives = [[]] + [list(zip(tok.display_tokens(row_ids.tolist()), row_probs.tolist()))
                            for row_ids, row_probs in zip(top_ids, top_probs)]
     return values, alternatives
 

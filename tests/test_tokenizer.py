@@ -527,3 +527,15 @@ def test_bad_tokenizer_config(llama2_tokenizer_dir, tmp_path):
     config = {"bos_token": "<s>", "chat_template": "{{ bos_token }}"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     assert AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(CHAT, tokenize=False) == "<s>"
+
+
+def test_display_tokens_show_the_text_each_id_stands_for(default_gguf, llama2_tokenizer_dir):
+    byte_level = AutoTokenizer.from_pretrained(default_gguf)
+    ids = byte_level.encode("Plants’ grow<|im_end|>")
+    shown = byte_level.display_tokens(ids)
+    assert shown == [byte_level.decode([i]) for i in ids]
+    assert "".join(shown) == byte_level.decode(ids) and " grow" in shown
+    sentencepiece = AutoTokenizer.from_pretrained(llama2_tokenizer_dir)
+    ids = sentencepiece.encode("Banana split\n")
+    assert sentencepiece.display_tokens(ids) == ["<s>", " Ban", "ana", " split", "\n"]
+    assert sentencepiece.convert_ids_to_tokens(ids)[1] == "▁Ban"

@@ -288,6 +288,22 @@ class TokenizerBase:
         special = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._checked_id_to_token(int(i)) for i in as_id_lists(ids) if int(i) not in special]
 
+    def display_tokens(self, ids) -> list[str]:
+        """Each id as the text it stands for, for figures: 'Ġcreate' -> ' create', '▁Hi' -> ' Hi'.
+
+        Special tokens keep their written form; a piece holding part of a multi-byte character
+        shows as the replacement character.
+        """
+        ids = [int(i) for i in as_id_lists(ids)]
+        special = set(self.all_special_ids)
+        return [self._display_piece(i) if i not in special else self._checked_id_to_token(i) for i in ids]
+
+    def _display_piece(self, index: int) -> str:
+        text = self._decode_ids([index], False)
+        if self._checked_id_to_token(index).startswith("\u2581") and not text.startswith(" "):
+            text = " " + text  # SentencePiece drops the space of a text's first word
+        return text
+
     def _checked_id_to_token(self, index: int) -> str:
         token = self._id_to_token(index)
         if token is None:
