@@ -17,7 +17,7 @@ _LAZY = {
     "LlamaForTokenClassification": "llamaviz.llama.heads",
     "LlamaForQuestionAnswering": "llamaviz.llama.heads",
     "AttentionMaskVisualizer": "llamaviz.terminal",
-    "pipeline": "llamaviz.pipeline",
+    "pipeline": "llamaviz.pipelines",  # the module is plural, as in transformers, so it never shadows this
     "TextStreamer": "llamaviz.streamers",
     "TextIteratorStreamer": "llamaviz.streamers",
     "default_model_path": "llamaviz.checkpoints.default",

@@ -6,6 +6,7 @@ top-p, so a seeded run picks what transformers picks.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable
 
@@ -96,13 +97,15 @@ def _eos_ids(model, eos_token_id) -> list[int]:
 def generate(model, input_ids=None, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None, streamer=None,
-             seed: int | None = None, cache_implementation: str = "dynamic",
+             seed: int | None = None, cache_implementation: str | None = None, compile: bool = False,
              stop: Callable[[], bool] | None = None, on_step: Callable | None = None, **unused) -> torch.Tensor:
     """Prompt + continuation ids [b, p + n]; finished rows are filled with pad_token_id.
 
     `stop()` returning True ends generation early (the app's Stop button); `on_step(ids [b, 1])`
-    sees every chosen token.
+    sees every chosen token. cache_implementation: "dynamic" (the default) or "static";
+    compile=True runs the one-token steps through torch.compile on a static cache.
     """
+    cache_implementation = _cache_choice(cache_implementation, compile)
     max_new_tokens = _check_settings(model, input_ids, max_new_tokens, temperature, top_k, top_p,
                                      repetition_penalty, cache_implementation)
     if streamer is not None and input_ids.shape[0] != 1:
@@ -118,11 +121,12 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens: int = 2
     step_input = input_ids
     hooked_logits = getattr(model, "hook_logits", None)
     keep = 0 if hooked_logits is not None and hooked_logits.active else 1  # a logits hook sees every position
+    decode_step = compiled_decode_step() if compile else forward_last
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for _ in range(max_new_tokens):
-        logits = model(step_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                       logits_to_keep=keep).logits[:, -1]  # [b, v]
+        run = decode_step if step_input.shape[1] == 1 else forward_last  # the prompt runs eagerly
+        logits = run(model, step_input, attention_mask, cache, keep)  # [b, v]
         chosen = next_tokens(logits, sequences, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
         chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad))
         sequences = torch.cat([sequences, chosen[:, None]], dim=1)
@@ -139,6 +143,33 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens: int = 2
     if streamer is not None:
         streamer.end()
     return sequences
+
+
+def forward_last(model, ids, attention_mask, cache, keep: int = 1) -> torch.Tensor:
+    """Logits [b, v] at the last position of ids [b, p]; the cache is updated in place."""
+    return model(ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                 logits_to_keep=keep).logits[:, -1]
+
+
+@functools.cache
+def compiled_decode_step():
+    """forward_last under torch.compile, for one-token steps on a StaticCache.
+
+    Each step has the same tensor shapes (the cache's full buffers, masks over its capacity); the
+    write position and the mask's width are ints that dynamo traces symbolically (dynamic=True), so
+    one graph serves every step and every prompt length instead of one compile per step.
+    """
+    return torch.compile(forward_last, dynamic=True)
+
+
+def _cache_choice(cache_implementation: str | None, compile: bool) -> str:
+    """None -> "static" when compiling, else "dynamic"; compile=True with a dynamic cache is refused."""
+    if cache_implementation is None:
+        return "static" if compile else "dynamic"
+    if compile and cache_implementation != "static":
+        raise ValueError(f"compile=True needs cache_implementation='static' (fixed shapes), got "
+                         f"{cache_implementation!r}")
+    return cache_implementation
 
 
 def _new_cache(model, input_ids, max_new_tokens, cache_implementation):

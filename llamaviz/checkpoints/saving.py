@@ -29,6 +29,11 @@ def parse_size(size: int | str) -> int:
 
 def save_pretrained(model, folder: str | Path, max_shard_size: int | str | None = None) -> Path:
     """Write `model` so that transformers' LlamaForCausalLM.from_pretrained(folder) loads the same weights."""
+    from llamaviz.llama.quantize import quantization_of
+
+    if quantization_of(model) is not None:
+        raise ValueError(f"cannot save a quantized model ({quantization_of(model)}) as a transformers checkpoint; "
+                         "save the unquantized model and pass quantization= when loading it")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = tensors_to_save(model)

@@ -83,6 +83,8 @@ class LlamaConfig:
                       "rope_scaling": scaling or None}
             values.pop("rope_parameters")
         kwargs = {k: v for k, v in values.items() if k in known}
+        if "num_labels" not in kwargs and isinstance(values.get("id2label"), dict):
+            kwargs["num_labels"] = len(values["id2label"])  # transformers writes id2label, not num_labels
         if "dtype" in values and "torch_dtype" not in kwargs:
             kwargs["torch_dtype"] = values["dtype"]
         extra = {k: v for k, v in values.items() if k not in known and k != "dtype"}

@@ -19,6 +19,7 @@ from .config import LlamaConfig
 from .hook_points import HookedRootModule, HookPoint
 from .masks import attend_somewhere, build_mask
 from .outputs import BaseModelOutput, CausalLMOutput
+from .quantize import check_quantization, quantize_model
 from .rope import RotaryEmbedding
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -124,12 +125,20 @@ class LlamaPreTrainedModel(CachingMixin, HookedRootModule):
         return next(self.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa", **kwargs):
-        """Load a HF folder, a .gguf file or a folder holding one (readers in llamaviz.checkpoints)."""
+    def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa",
+                        quantization: str | None = None, group_size: int | None = None, **kwargs):
+        """Load a HF folder, a .gguf file or a folder holding one (readers in llamaviz.checkpoints).
+
+        quantization="int4" | "int8" then stores the linear weights as per-group integer codes
+        (see llamaviz.llama.quantize; group_size=None picks one that divides every layer).
+        """
         from llamaviz.checkpoints import load_pretrained  # readers live outside the pure-torch model package
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                               **kwargs)
+        if quantization is not None:
+            check_quantization(quantization)  # fail before the slow load
+        model = load_pretrained(cls, path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                **kwargs)
+        return quantize_model(model, quantization, group_size) if quantization is not None else model
 
     def save_pretrained(self, folder, **kwargs):
         """Write model.safetensors + config.json that transformers can read."""

@@ -109,6 +109,78 @@ def test_heads_have_the_causal_models_hook_points(model_class):
     assert not torch.allclose(plain[0], ablated[0])
 
 
-def test_token_classification_dropout_follows_config():
-    _, ours = hf_and_ours(model_class=TOK, classifier_dropout=0.25)
-    assert ours.dropout.p == 0.25
+@pytest.mark.parametrize("extra", [{}, {"classifier_dropout": 0.25}, {"hidden_dropout": 0.3}])
+def test_token_classification_dropout_and_bias_follow_the_config_like_transformers(extra):
+    import transformers
+
+    from llamaviz import LlamaForTokenClassification
+    from llamaviz.llama.config import LlamaConfig
+    from tiny import config_kwargs
+
+    values = {**config_kwargs(), **extra}
+    ref = transformers.LlamaForTokenClassification(transformers.LlamaConfig(**values))
+    ours = LlamaForTokenClassification(LlamaConfig.from_dict(values))
+    assert ours.dropout.p == ref.dropout.p
+    assert (ours.score.bias is None) == (ref.score.bias is None)
+
+
+# ----- loading head checkpoints through from_pretrained -----
+
+def saved_by_transformers(folder, model_class, dtype=torch.float32, **overrides):
+    """A random transformers model of `model_class` saved to `folder` in `dtype`; returns the model (float32)."""
+    import transformers
+
+    from tiny import config_kwargs
+
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(transformers.LlamaConfig(**config_kwargs("gqa", **overrides),
+                                                                        attn_implementation="eager")).eval()
+    model.to(dtype).save_pretrained(folder)
+    return model.float()
+
+
+@pytest.mark.parametrize("model_class", [SEQ, TOK, QA])
+def test_head_checkpoints_saved_by_transformers_load_and_match(tmp_path, model_class):
+    import llamaviz
+
+    hf = saved_by_transformers(tmp_path, model_class)
+    ours = getattr(llamaviz, model_class).from_pretrained(tmp_path)
+    ids = torch.randint(3, 113, (2, 8))
+    with torch.no_grad():
+        assert_close(ours(ids)[0], hf(ids)[0], atol=1e-4, rtol=0)
+
+
+def test_a_three_label_checkpoint_gets_num_labels_from_id2label(tmp_path):
+    from llamaviz import LlamaForSequenceClassification
+
+    saved_by_transformers(tmp_path, SEQ, num_labels=3)
+    assert LlamaForSequenceClassification.from_pretrained(tmp_path).score.out_features == 3
+
+
+@pytest.mark.parametrize("model_class, head_keys", [(SEQ, ["score.weight"]), (TOK, ["score.weight", "score.bias"]),
+                                                     (QA, ["qa_outputs.weight", "qa_outputs.bias"])])
+def test_a_base_checkpoint_loads_into_a_head_with_a_warning(tmp_path, model_class, head_keys):
+    import llamaviz
+
+    causal = saved_by_transformers(tmp_path, "LlamaForCausalLM")
+    with pytest.warns(UserWarning, match="newly initialized") as caught:
+        ours = getattr(llamaviz, model_class).from_pretrained(tmp_path)
+    message = next(str(w.message) for w in caught if "newly initialized" in str(w.message))
+    assert all(key in message for key in head_keys)
+    assert_close(ours.base_model.layers[1].mlp.up_proj.weight, causal.model.layers[1].mlp.up_proj.weight)
+    head = ours.qa_outputs if model_class == QA else ours.score
+    assert 0.005 < head.weight.std() < 0.05  # normal(0, initializer_range=0.02), as transformers initialises it
+
+
+def test_from_pretrained_dtype_and_device(tmp_path):
+    from llamaviz import LlamaForSequenceClassification
+
+    saved_by_transformers(tmp_path, SEQ, dtype=torch.bfloat16)
+    assert LlamaForSequenceClassification.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+    assert LlamaForSequenceClassification.from_pretrained(tmp_path).dtype == torch.bfloat16  # None = "auto"
+    assert LlamaForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
+    assert LlamaForSequenceClassification.from_pretrained(tmp_path, dtype="float32").dtype == torch.float32
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert LlamaForSequenceClassification.from_pretrained(tmp_path, device="auto").device.type == expected
+    with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
+        LlamaForSequenceClassification.from_pretrained(tmp_path, dtype="int8")
