@@ -34,11 +34,17 @@ def eager_attention(q, k, v, mask, scale, hook_scores: HookPoint, hook_pattern: 
     return torch.matmul(pattern, v), pattern  # [b, h, p, d]
 
 
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def sdpa_attention(q, k, v, mask, scale):
     """Same result as eager_attention's z through the fused kernel; mask None means plain causal."""
+    is_causal = mask is None and q.shape[2] > 1
+    if _SDPA_HAS_GQA:  # the kernel reads each kv head for its query group: no repeated copies
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=True)
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    is_causal = mask is None and q.shape[2] > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 

@@ -35,9 +35,7 @@ class LlamaRMSNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [b, p, m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        normalized = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        normalized = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)  # x * rsqrt(mean(x^2) + eps)
         return self.weight * self.hook_normalized(normalized)
 
 

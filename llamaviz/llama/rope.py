@@ -55,7 +55,10 @@ INV_FREQ = {
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions: [b, p, d] each, in the activations' dtype."""
+    """cos and signed sin for given positions: [b, p, d] each, in the activations' dtype.
+
+    The sin table's first half is negated so that rotating needs only a roll (see apply_rope).
+    """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -75,16 +78,16 @@ class RotaryEmbedding(nn.Module):
             if reach > self.original_max:
                 inv_freq = _dynamic(self.config, self.config.head_dim, reach).to(inv_freq.device)
         freqs = position_ids[..., None].float() * inv_freq  # [b, p, d/2]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [b, p, d]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        sin = freqs.sin()
+        cos = freqs.cos()
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [b, p, heads, d] by its positions' angles, pairing dims i and i + d/2.
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [b, p, heads, d] by the angles of its positions (cos/sin [b, p, d])."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return x * cos + rotate_half(x) * sin
+    x * cos + rotate_half(x) * sin, where rotate_half([x1, x2]) = [-x2, x1]: a roll by d/2 times
+    the sin table with its first half negated gives exactly those products.
+    """
+    half = x.shape[-1] // 2
+    return x * cos[:, :, None, :] + x.roll(half, dims=-1) * signed_sin[:, :, None, :]
