@@ -1,0 +1,51 @@
+"""The Gradio web app: `build_app()` makes the page, `launch()` serves it (what `llamaviz app` runs).
+
+layout.py lays the page out and wires events; handlers.py holds the thin event handlers; state.py
+the per-browser state; models.py the process-wide model cache; views.py, intervene.py and
+export.py compute what the tabs show from a run's activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import gradio  # noqa: F401  (the [app] extra: fail at import, where `llamaviz app` reports it)
+
+__all__ = ["build_app", "launch"]
+
+log = logging.getLogger("llamaviz.app")
+CONCURRENCY = 4  # events of one kind running at once; forwards that use hooks still take turns per model
+
+
+def build_app(model_path: str | None = None):
+    """The app as a gr.Blocks (not launched); `model_path` is preselected in the model list.
+
+    Serve it with `launch()`: under Gradio 6 the css, the head-grid click script, the theme and
+    run_history=False are launch() arguments (layout.style_arguments("launch")).
+    """
+    from .layout import build
+
+    return build(None if model_path is None else str(model_path))
+
+
+def launch(model_path: str | None = None, host: str = "127.0.0.1", port: int = 7860, **launch_kwargs):
+    """Build and serve the app on host:port (local only by default; never shared through Gradio's tunnel)."""
+    from .layout import style_arguments
+    from .models import REGISTRY
+
+    demo = build_app(model_path)
+    preselected = demo.llamaviz_model_path
+    if preselected:  # load in the background: the page is up at once and the first Generate waits for it
+        threading.Thread(target=_preload, args=(REGISTRY, preselected), daemon=True).start()
+    demo.queue(default_concurrency_limit=CONCURRENCY)
+    launch_kwargs.pop("share", None)
+    return demo.launch(server_name=host, server_port=port, share=False, **style_arguments("launch"),
+                       **launch_kwargs)
+
+
+def _preload(registry, path: str) -> None:
+    try:
+        registry.get(path)
+    except Exception as err:  # reported in the page when the model is used
+        log.warning("could not preload %s: %s", path, err)

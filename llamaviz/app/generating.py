@@ -1,0 +1,126 @@
+"""Generation for the app: encode and check the prompt, decode in a worker thread, stream the text.
+
+The worker runs `llamaviz.generation.generate_with_cache` under the model's lock (its capture
+hooks attach to the shared model) and hands each decoded piece to a queue the handler reads.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from llamaviz.generation import generate_with_cache
+from llamaviz.streamers import TextStreamer
+
+from .models import ModelEntry
+from .state import MAX_SEQUENCE, Run, Settings, capture_filter
+
+MAX_PROMPT_CHARS = 100_000  # refuse before tokenizing: no prompt under the token cap is longer
+_DONE = object()
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompt(entry: ModelEntry, prompt: str, chat_template: bool) -> tuple[torch.Tensor, str]:
+    """(input ids [1, p], the text they encode); the chat template wraps the prompt as a user turn."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: type some text to continue, e.g. "
+                         "'Plants create energy through a process known as'")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt has {len(prompt):,} characters; the app takes at most "
+                         f"{MAX_PROMPT_CHARS:,} (and at most {MAX_SEQUENCE - 1} tokens)")
+    tok = entry.tokenizer
+    if chat_template and has_chat_template(tok):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    else:
+        text = prompt
+        ids = tok(prompt)["input_ids"]
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)  # [1, p]
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt encodes to no tokens; type some text")
+    return ids, text
+
+
+def token_budget(entry: ModelEntry, prompt_length: int, max_new_tokens: int) -> tuple[int, str]:
+    """(new tokens allowed, a note when clipped); ValueError when the prompt leaves no room."""
+    context = entry.config.max_position_embeddings
+    limit = min(MAX_SEQUENCE, context)
+    if prompt_length >= limit:
+        why = (f"the model's context is {context} tokens" if context <= MAX_SEQUENCE else
+               f"the app caps prompt + continuation at {MAX_SEQUENCE} tokens so that every layer's attention "
+               "pattern fits in memory")
+        raise ValueError(f"the prompt is {prompt_length} tokens long; at most {limit - 1} fit ({why}). "
+                         "Shorten the prompt.")
+    allowed = min(max_new_tokens, limit - prompt_length)
+    note = "" if allowed == max_new_tokens else (
+        f"max new tokens lowered from {max_new_tokens} to {allowed}: prompt + continuation are capped at "
+        f"{limit} tokens")
+    return allowed, note
+
+
+class Generation:
+    """One generate_with_cache call in a worker thread; iterate `texts()` for the growing continuation."""
+
+    def __init__(self, entry: ModelEntry, ids: torch.Tensor, settings: Settings, max_new_tokens: int,
+                 stop: threading.Event):
+        self.entry, self.ids, self.settings = entry, ids, settings
+        self.max_new_tokens, self.stop = max_new_tokens, stop
+        self.pieces: queue.Queue = queue.Queue()
+        self.sequences: torch.Tensor | None = None  # [1, T]
+        self.cache = None
+        self.error: BaseException | None = None
+        self.waited = entry.lock.locked()  # another request holds the model: this one queues behind it
+        self.thread = threading.Thread(target=self._work, name="llamaviz-generate", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        streamer = TextStreamer(self.entry.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                on_text=lambda piece, final: self.pieces.put(piece))
+        try:
+            with self.entry.lock:
+                self.sequences, self.cache = generate_with_cache(
+                    self.entry.model, self.ids, max_new_tokens=self.max_new_tokens,
+                    names_filter=capture_filter, streamer=streamer, stop=self.stop.is_set,
+                    **self.settings.sampling())
+        except BaseException as err:  # handed to the request thread, which reports it
+            self.error = err
+        finally:
+            self.pieces.put(_DONE)
+
+    def texts(self) -> Iterator[str]:
+        """The continuation so far, after each new piece; ends when the worker finishes."""
+        text = ""
+        while True:
+            piece = self.pieces.get()
+            if piece is _DONE:
+                break
+            text += piece
+            # several pieces may be waiting: send the newest text once
+            while True:
+                try:
+                    piece = self.pieces.get_nowait()
+                except queue.Empty:
+                    break
+                if piece is _DONE:
+                    self.pieces.put(_DONE)
+                    break
+                text += piece
+            yield text
+        self.thread.join()
+
+    def to_run(self, prompt: str, model_input: str, continuation: str) -> Run:
+        """The finished generation as a Run; re-raises the worker's error."""
+        if self.error is not None:
+            raise self.error
+        ids = self.sequences.cpu()  # [1, T]
+        tokens = self.entry.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+        return Run(entry=self.entry, prompt=prompt, model_input=model_input, settings=self.settings, ids=ids,
+                   prompt_length=self.ids.shape[1], tokens=list(tokens), cache=self.cache,
+                   continuation=continuation, stopped=self.stop.is_set())

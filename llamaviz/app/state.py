@@ -1,0 +1,202 @@
+"""Per-browser state: the generation settings, the last run (tokens + ActivationCache) and its Stop flag.
+
+A browser session's `gr.State` holds one `BrowserState`. The activations of a run stay in that
+state, so every tab browses them without re-running the model. `LIVE_RUNS` bounds the memory
+all sessions hold together: past its budget the oldest runs drop their activations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MAX_NEW_TOKENS = 512  # the settings slider's upper end
+MAX_SEQUENCE = 512  # prompt + continuation: patterns are [layers, h, T, T], so T is capped
+LIVE_RUNS_BYTES = 3 * 2**30  # activations all sessions may hold together
+EXPORT_ROOT = Path(tempfile.gettempdir()) / "llamaviz-app"  # downloads, a folder per run
+
+# What a run captures: every layer's pattern (the attention tabs, head scores), the residual stream
+# (logit lens, norms, token log-probs), MLP activations (statistics) and per-head outputs (mean ablation).
+CAPTURE_SUFFIXES = ("attn.hook_pattern", "hook_resid_pre", "hook_resid_post", "mlp.hook_post", "attn.hook_z")
+
+
+def capture_filter(name: str) -> bool:
+    """names_filter of the capture while generating."""
+    return name.endswith(CAPTURE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings as the page sends them, checked by `checked()`."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int = 0
+    do_sample: bool = False
+    chat_template: bool = True
+
+    def checked(self) -> "Settings":
+        """These settings with ints made ints; ValueError naming the first one out of range."""
+        settings = Settings(_whole(self.max_new_tokens, "max new tokens"), _number(self.temperature, "temperature"),
+                            _whole(self.top_k, "top-k"), _number(self.top_p, "top-p"), _whole(self.seed, "seed"),
+                            bool(self.do_sample), bool(self.chat_template))
+        s = settings
+        rules = [  # (ok, what, accepted, value)
+            (1 <= s.max_new_tokens <= MAX_NEW_TOKENS, "max new tokens", f"between 1 and {MAX_NEW_TOKENS}",
+             s.max_new_tokens),
+            (0 < s.temperature <= 5, "temperature", "in (0, 5]", s.temperature),
+            (s.top_k >= 0, "top-k", "an integer >= 0 (0 turns it off)", s.top_k),
+            (0 < s.top_p <= 1, "top-p", "in (0, 1]", s.top_p),
+            (0 <= s.seed < 2**63, "seed", "between 0 and 2**63 - 1", s.seed),
+        ]
+        for ok, what, accepted, value in rules:
+            if not ok:
+                raise ValueError(f"{what} must be {accepted}; got {value!r}")
+        return settings
+
+    def sampling(self) -> dict:
+        """Keyword arguments of llamaviz.generation.generate."""
+        return {"do_sample": self.do_sample, "temperature": self.temperature, "top_k": self.top_k or None,
+                "top_p": self.top_p, "seed": self.seed}
+
+
+_run_ids = itertools.count(1)
+
+
+def _number(value, what: str) -> float:
+    """`value` as a finite float; ValueError naming the setting otherwise (an empty box sends None)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number; got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(f"{what} must be a finite number; got {value!r}")
+    return number
+
+
+def _whole(value, what: str) -> int:
+    number = _number(value, what)
+    if number != int(number):
+        raise ValueError(f"{what} must be a whole number; got {value!r}")
+    return int(number)
+
+
+@dataclass(eq=False)  # runs compare by identity (their tensors have no single truth value)
+class Run:
+    """One generation: the token ids [1, T], their strings, and the activations of positions 0..T-2.
+
+    `cache` holds run_with_cache(ids[:, :-1]) as captured while generating; the last token was
+    sampled from the final step and has no activations. `memo` keeps views computed from it.
+    """
+
+    entry: object  # models.ModelEntry of the model that produced it
+    prompt: str
+    model_input: str  # the text fed to the tokenizer (the prompt, or the chat-templated prompt)
+    settings: Settings
+    ids: torch.Tensor  # [1, T]
+    prompt_length: int
+    tokens: list[str]  # [T] raw token pieces
+    cache: object | None  # ActivationCache over positions 0..T-2, None once released
+    continuation: str
+    stopped: bool = False
+    run_id: int = field(default_factory=lambda: next(_run_ids))
+    memo: dict = field(default_factory=dict)
+
+    @property
+    def cached_tokens(self) -> list[str]:
+        """The tokens the activations cover: [T-1]."""
+        return self.tokens[:-1]
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens) - self.prompt_length
+
+    def activations(self):
+        """The ActivationCache; ValueError when it was released to save memory."""
+        if self.cache is None:
+            raise ValueError("the activations of this run were freed to keep the server's memory bounded "
+                             "(the oldest runs go first); press Generate again")
+        return self.cache
+
+    def nbytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.cache.values())
+
+    @property
+    def export_folder(self) -> Path:
+        return EXPORT_ROOT / f"run-{self.run_id}"
+
+    def release(self) -> None:
+        """Drop the activations, the memoised views and the exported files."""
+        self.cache = None
+        self.memo.clear()
+        shutil.rmtree(self.export_folder, ignore_errors=True)
+
+
+class RunBudget:
+    """Keeps the activations of all live runs under `max_bytes`, dropping the oldest first."""
+
+    def __init__(self, max_bytes: int = LIVE_RUNS_BYTES):
+        self.max_bytes = max_bytes
+        self._runs: deque[Run] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, run: Run) -> None:
+        with self._lock:
+            self._runs.append(run)
+            total = sum(r.nbytes() for r in self._runs)
+            while total > self.max_bytes and len(self._runs) > 1:
+                oldest = self._runs.popleft()
+                total -= oldest.nbytes()
+                oldest.release()
+
+    def discard(self, run: Run) -> None:
+        with self._lock:
+            if run in self._runs:
+                self._runs.remove(run)
+
+
+LIVE_RUNS = RunBudget()
+
+
+class BrowserState:
+    """What one browser session keeps: its last run and the Stop flag of the generation in flight."""
+
+    def __init__(self):
+        self.run: Run | None = None
+        self.stop = threading.Event()
+        self.tab = "Attention"  # the tab on screen: the logit lens (the costliest view) is drawn only there
+        self.generating = False
+        self.fresh = False  # a new run that the tabs have not drawn yet
+
+    def new_stop_flag(self) -> threading.Event:
+        self.stop = threading.Event()
+        return self.stop
+
+    def replace_run(self, run: Run) -> None:
+        """Make `run` current (and fresh); the previous run's activations are freed."""
+        if self.run is not None and self.run is not run:
+            LIVE_RUNS.discard(self.run)
+            self.run.release()
+        self.run, self.fresh = run, True
+        LIVE_RUNS.add(run)
+
+    def __deepcopy__(self, memo) -> "BrowserState":
+        return BrowserState()  # gr.State copies its initial value per session: start fresh
+
+
+def release_state(state: BrowserState | None) -> None:
+    """gr.State's delete_callback: free a closed session's activations."""
+    if isinstance(state, BrowserState) and state.run is not None:
+        LIVE_RUNS.discard(state.run)
+        state.run.release()

@@ -1,0 +1,309 @@
+"""What each tab shows, computed from a Run's activations without re-running the model.
+
+Figures come from llamaviz.plots; head scores from llamaviz.analysis; the mask printout from
+llamaviz.terminal. Results are memoised on the run, so moving a slider back is instant.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from llamaviz import analysis, plots
+from llamaviz.llama.activation_cache import ActivationCache
+from llamaviz.llama.masks import build_mask
+from llamaviz.plots.tokens import display_token
+from llamaviz.terminal import render_html
+
+from .state import Run
+
+LENS_WIDTH = 24  # positions the logit lens shows at once (each costs layers x vocab x hidden)
+MASK_TOKENS = 48  # keys the mask printout shows (the last ones)
+MASK_WIDTH = 170  # characters per printout line
+LOGIT_CHUNK = 64  # positions per unembedding matmul in token_logprobs
+MEMO_LIMIT = 64  # views kept per run (the least recently used go first): figures of long runs are MBs
+_MISSING = object()
+_MEMO_LOCK = threading.Lock()
+SCORES: dict[str, Callable] = {  # patterns [layers, b, h, p, k], tokens [b, p] -> [layers, h]
+    "entropy": lambda patterns, tokens: analysis.head_entropy(patterns),
+    "previous-token": lambda patterns, tokens: analysis.previous_token_scores(patterns),
+    "induction": analysis.induction_scores,
+    "duplicate-token": analysis.duplicate_token_scores,
+    "sink": lambda patterns, tokens: analysis.sink_scores(patterns),
+}
+SCORE_HELP = {
+    "entropy": "mean entropy of each head's attention rows (nats): low = focused, high = spread out",
+    "previous-token": "attention from each token to the one just before it",
+    "induction": "attention to the token after an earlier copy of the current token ([A][B] ... [A] -> [B])",
+    "duplicate-token": "attention to earlier copies of the current token",
+    "sink": "attention to the first token (the attention sink)",
+}
+
+
+def memo(run: Run, key: tuple, compute: Callable):
+    """run.memo[key], computed once and kept among the MEMO_LIMIT most recently used views."""
+    with _MEMO_LOCK:  # bookkeeping only: two requests may compute the same view, never corrupt the dict
+        value = run.memo.pop(key, _MISSING)
+        if value is not _MISSING:
+            run.memo[key] = value  # reinserted last: dicts keep insertion order
+            return value
+    value = compute()
+    with _MEMO_LOCK:
+        run.memo[key] = value
+        while len(run.memo) > MEMO_LIMIT:
+            run.memo.pop(next(iter(run.memo)))
+    return value
+
+
+def num_layers(run: Run) -> int:
+    return run.entry.config.num_hidden_layers
+
+
+def num_heads(run: Run) -> int:
+    return run.entry.config.num_attention_heads
+
+
+def check_layer_head(run: Run, layer, head) -> tuple[int, int | str]:
+    """(layer, head or "mean") checked against the run's model; ValueError naming the valid range."""
+    layers, heads = num_layers(run), num_heads(run)
+    if layer is None or not 0 <= int(layer) < layers:
+        raise ValueError(f"layer {layer!r} is out of range: the model has layers 0..{layers - 1}")
+    if head in (None, "mean", -1):
+        return int(layer), "mean"
+    if not 0 <= int(head) < heads:
+        raise ValueError(f"head {head!r} is out of range: each layer has heads 0..{heads - 1} (or the mean)")
+    return int(layer), int(head)
+
+
+def pattern(run: Run, layer: int) -> torch.Tensor:
+    """Attention probabilities of one layer: [h, p, k] over the run's cached positions."""
+    return run.activations()["pattern", layer][0]
+
+
+# ---------------------------------------------------------------- attention tab
+
+
+def attention_figure(run: Run, layer, head, drop_first: bool = False, log_scale: bool = False) -> go.Figure:
+    layer, head = check_layer_head(run, layer, head)
+    return memo(run, ("attention", layer, head, drop_first, log_scale), lambda: plots.attention_heatmap(
+        pattern(run, layer), run.cached_tokens, head=head, layer=layer, drop_first=drop_first,
+        log_scale=log_scale))
+
+
+def warm_attention(run: Run, layer: int, drop_first: bool = False, log_scale: bool = False) -> threading.Thread:
+    """Build every head's heatmap of a layer in the background, so a head slider move only sends one."""
+    def work() -> None:
+        for head in [*range(num_heads(run)), "mean"]:
+            if run.cache is None:
+                return
+            attention_figure(run, layer, head, drop_first, log_scale)
+
+    thread = threading.Thread(target=work, name="llamaviz-warm", daemon=True)
+    thread.start()
+    return thread
+
+
+def head_grid_figure(run: Run, layer, drop_first: bool = False, log_scale: bool = False) -> go.Figure:
+    layer, _ = check_layer_head(run, layer, "mean")
+    return memo(run, ("grid", layer, drop_first, log_scale), lambda: plots.head_grid(
+        pattern(run, layer), run.cached_tokens, layer=layer, drop_first=drop_first, log_scale=log_scale))
+
+
+def head_scores(run: Run, score: str) -> torch.Tensor:
+    """One score per head, [layers, heads], computed a layer at a time (no stacked copy of all patterns)."""
+    if score not in SCORES:
+        raise ValueError(f"unknown head score {score!r}; accepted: {', '.join(SCORES)}")
+    tokens = run.ids[:, :-1]  # [1, T-1]: the positions the patterns cover
+
+    def compute() -> torch.Tensor:
+        rows = [SCORES[score](run.activations()["pattern", layer].float()[None], tokens)[0]
+                for layer in range(num_layers(run))]
+        return torch.stack(rows)  # [layers, h]
+
+    return memo(run, ("scores", score), compute)
+
+
+def overview_figure(run: Run, score: str) -> go.Figure:
+    return memo(run, ("overview", score), lambda: plots.head_overview(head_scores(run, score), score))
+
+
+def score_note(run: Run, score: str) -> str:
+    """What the chosen score measures, and when this text cannot show it."""
+    note = SCORE_HELP.get(score, "")
+    ids = run.ids[0, :-1].tolist()
+    if score in ("induction", "duplicate-token") and len(set(ids)) == len(ids):
+        note += ". No token occurs twice in this text, so every head scores 0: try a prompt that repeats itself"
+    return note
+
+
+# ---------------------------------------------------------------- mask tab
+
+
+def mask_html(run: Run) -> str:
+    """The causal mask of the run's tokens from build_mask, as the terminal prints it (escaped <pre>)."""
+    def compute() -> str:
+        tokens = run.tokens
+        window = run.entry.config.sliding_window
+        mask = build_mask(len(tokens), sliding_window=window)  # [1, 1, T, T]
+        info = [f"{len(tokens)} tokens: {run.prompt_length} from the prompt, {run.new_tokens} generated",
+                "the model's attention patterns are zero wherever this mask says masked"]
+        return render_html(tokens, mask, title=f"Attention mask · {run.entry.name}", info=info,
+                           width=MASK_WIDTH, max_tokens=MASK_TOKENS)
+
+    return memo(run, ("mask",), compute)
+
+
+# ---------------------------------------------------------------- logit lens tab
+
+
+def lens_labels(layers: int) -> list[str]:
+    """Rows of the accumulated residual stream: the embeddings, then after each layer."""
+    return ["embed"] + [f"L{i}" for i in range(layers)]
+
+
+def lens_window(run: Run, start) -> tuple[int, int]:
+    """[start, end) positions of the logit lens; start None = the last LENS_WIDTH positions."""
+    count = len(run.cached_tokens)
+    start = max(0, count - LENS_WIDTH) if start is None else int(start)
+    if not 0 <= start < count:
+        raise ValueError(f"logit lens start {start} is out of range: positions are 0..{count - 1}")
+    return start, min(count, start + LENS_WIDTH)
+
+
+def lens_table(run: Run, start=None) -> tuple[torch.Tensor, list[list[str]], list[str], list[str]]:
+    """cache.logit_lens(top_k=1) on a window of positions: (top-token probs [layers+1, p], their tokens
+    [layers+1][p], the window's tokens [p], row labels)."""
+    start, end = lens_window(run, start)
+
+    def compute():
+        cache, layers = run.activations(), num_layers(run)
+        names = [f"blocks.{i}.hook_resid_pre" for i in range(layers)] + [f"blocks.{layers - 1}.hook_resid_post"]
+        window = ActivationCache({n: cache[n][:, start:end] for n in names}, model=run.entry.model)
+        with run.entry.lock:  # norm and lm_head of the shared model: no other request's hooks attached
+            lens = window.logit_lens(top_k=1)
+        probs = lens["top_probs"][:, 0, :, 0].float()  # [layers+1, p]
+        top_ids = lens["top_ids"][:, 0, :, 0]  # [layers+1, p]
+        top_tokens = [run.entry.tokenizer.convert_ids_to_tokens(row.tolist()) for row in top_ids]
+        return probs, top_tokens, run.cached_tokens[start:end], lens_labels(layers)
+
+    return memo(run, ("lens-table", start), compute)
+
+
+def logit_lens_figure(run: Run, start=None) -> go.Figure:
+    start, _ = lens_window(run, start)
+    return memo(run, ("lens", start), lambda: plots.logit_lens(*lens_table(run, start)))
+
+
+# ---------------------------------------------------------------- tokens tab
+
+
+def token_logprobs(run: Run, top: int = 5) -> tuple[torch.Tensor, list[list[tuple[str, float]]]]:
+    """Log-prob of every token given those before it [T] (NaN for the first) and the top predictions there.
+
+    Recomputed from the captured final residual stream (norm + lm_head), a chunk of positions at a
+    time: exact, and no [T, vocab] logits tensor is ever kept.
+    """
+    def compute():
+        cache, model = run.activations(), run.entry.model
+        final = cache[f"blocks.{num_layers(run) - 1}.hook_resid_post"][0]  # [T-1, m]
+        targets = run.ids[0, 1:]  # [T-1]: the token each position predicts
+        chosen, alternatives = [], []
+        with run.entry.lock, torch.no_grad():
+            for begin in range(0, final.shape[0], LOGIT_CHUNK):
+                x = final[begin:begin + LOGIT_CHUNK].to(model.device, model.dtype)
+                logprobs = torch.log_softmax(model.lm_head(model.model.norm(x)).float(), dim=-1)  # [c, v]
+                picked = targets[begin:begin + LOGIT_CHUNK].to(logprobs.device)
+                chosen.append(logprobs.gather(-1, picked[:, None])[:, 0].cpu())
+                values, ids = logprobs.topk(top, dim=-1)
+                for row_ids, row_values in zip(ids.tolist(), values.exp().tolist()):
+                    pieces = run.entry.tokenizer.convert_ids_to_tokens(row_ids)
+                    alternatives.append(list(zip(pieces, row_values)))
+        return torch.cat([torch.tensor([math.nan]), *chosen]), [[]] + alternatives
+
+    return memo(run, ("logprobs", top), compute)
+
+
+def tokens_html(run: Run) -> str:
+    logprobs, alternatives = token_logprobs(run)
+    return plots.tokens_html(run.tokens, logprobs, alternatives)
+
+
+def tokens_figure(run: Run) -> go.Figure:
+    logprobs, alternatives = token_logprobs(run)
+    return memo(run, ("tokens-figure",), lambda: plots.token_logprobs(run.tokens, logprobs, alternatives))
+
+
+def tokens_table(run: Run) -> pd.DataFrame:
+    """One row per token: position, token, source, log p, and the top-5 predictions for that slot."""
+    logprobs, alternatives = token_logprobs(run)
+    rows = []
+    for position, (token, value, alts) in enumerate(zip(run.tokens, logprobs.tolist(), alternatives)):
+        rows.append({
+            "pos": position, "token": display_token(token),
+            "from": "prompt" if position < run.prompt_length else "generated",
+            "log p": None if math.isnan(value) else round(value, 3),
+            "top-5 predictions (p)": "  ".join(f"{display_token(t)} {p:.3f}" for t, p in alts),
+        })
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- activations tab
+
+
+def resid_norm_table(run: Run) -> tuple[torch.Tensor, list[str], list[str]]:
+    """(L2 norm of the residual stream [layers+1, p], tokens [p], row labels)."""
+    def compute():
+        norms = run.activations().accumulated_resid()[:, 0].float().norm(dim=-1)  # [layers+1, p]
+        return norms, run.cached_tokens, ["embed"] + [f"after L{i}" for i in range(num_layers(run))]
+
+    return memo(run, ("resid-norms-table",), compute)
+
+
+def resid_norms_figure(run: Run) -> go.Figure:
+    """plots.resid_norms with the colour scale capped at the largest norm after position 0.
+
+    The first token's residual stream (the attention sink) is often ~100x larger than the rest and
+    would leave every other cell the same dark colour; capped, it shows saturated and hover gives its value.
+    """
+    def compute() -> go.Figure:
+        norms, tokens, labels = resid_norm_table(run)
+        figure = plots.resid_norms(norms, tokens, labels)
+        if norms.shape[1] > 1:
+            figure.update_traces(zmax=float(norms[:, 1:].max()), zauto=False)
+        return figure
+
+    return memo(run, ("resid-norms",), compute)
+
+
+def mlp_stats(run: Run) -> pd.DataFrame:
+    """Per layer, over all positions: mean |post|, fraction > 0, fraction |post| > 0.1, max |post|."""
+    def compute() -> pd.DataFrame:
+        rows = []
+        for layer in range(num_layers(run)):
+            post = run.activations()["post", layer][0].float()  # [p, f]
+            size = post.abs()
+            rows.append({"layer": layer, "mean |post|": round(size.mean().item(), 4),
+                         "fraction > 0": round((post > 0).float().mean().item(), 4),
+                         "fraction |post| > 0.1": round((size > 0.1).float().mean().item(), 4),
+                         "max |post|": round(size.max().item(), 3)})
+        return pd.DataFrame(rows)
+
+    return memo(run, ("mlp-stats",), compute)
+
+
+def mlp_figure(run: Run) -> go.Figure:
+    """mean |post| and the fraction of positive MLP activations per layer, side by side."""
+    stats = mlp_stats(run)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean |MLP post| per layer",
+                                                         "fraction of MLP activations > 0"))
+    fig.add_trace(go.Bar(x=stats["layer"], y=stats["mean |post|"], name="mean |post|"), row=1, col=1)
+    fig.add_trace(go.Bar(x=stats["layer"], y=stats["fraction > 0"], name="fraction > 0"), row=1, col=2)
+    fig.update_layout(template="plotly_white", height=330, showlegend=False, margin={"l": 10, "r": 10, "t": 50})
+    fig.update_xaxes(title_text="layer")
+    return fig

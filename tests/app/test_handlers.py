@@ -1,0 +1,417 @@
+"""The web app's handlers without a server, on the default model: each view checked against the
+library call it stands for (generate, run_with_cache, analysis, logit_lens, a hand-written ablation)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from types import SimpleNamespace
+
+import gradio as gr
+
+import numpy as np
+import pytest
+import torch
+
+from llamaviz import analysis
+from llamaviz.app import generating, handlers, models, state as app_state, views
+from llamaviz.generation import generate as library_generate
+from llamaviz.llama.activation_cache import ActivationCache
+from llamaviz.notebook import read_view
+
+PROMPT = "The cat sat on the mat. The cat sat on the"
+NEW = 6
+GREEDY = dict(chat_template=False, max_new_tokens=NEW, temperature=1.0, top_k=0, top_p=1.0, seed=0, do_sample=False)
+
+
+def quiet(*args, **kwargs):
+    """A stand-in for gr.Progress outside a request."""
+
+
+def run_generate(state, path, prompt, **settings):
+    """All yields of handlers.generate with GREEDY settings updated by `settings`."""
+    s = {**GREEDY, **settings}
+    return list(handlers.generate(state, path, prompt, s["chat_template"], s["max_new_tokens"], s["temperature"],
+                                  s["top_k"], s["top_p"], s["seed"], s["do_sample"], progress=quiet))
+
+
+def is_error(html: str) -> bool:
+    return isinstance(html, str) and "lv-error" in html
+
+
+@pytest.fixture(scope="module")
+def path(default_gguf) -> str:
+    return str(default_gguf)
+
+
+@pytest.fixture(scope="module")
+def entry(path):
+    return models.REGISTRY.get(path)
+
+
+@pytest.fixture(scope="module")
+def session(path, entry):
+    """A browser state after one greedy generation of NEW tokens."""
+    state = app_state.BrowserState()
+    outputs = run_generate(state, path, PROMPT)
+    assert not is_error(outputs[-1][1]), outputs[-1][1]
+    return state, outputs
+
+
+@pytest.fixture(scope="module")
+def reference(session, entry):
+    """run_with_cache on the same tokens, all patterns + residuals: what the stored activations must equal."""
+    run = session[0].run
+    with entry.lock, torch.no_grad():
+        logits, cache = entry.model.run_with_cache(run.ids[:, :-1], names_filter=app_state.capture_filter)
+        full_logits = entry.model(run.ids).logits[0].float()  # [T, v]
+    return cache, full_logits
+
+
+# ---------------------------------------------------------------- models and checkpoints
+
+
+def test_checkpoint_list_puts_the_default_model_first_and_the_preselected_one_before_it(tmp_path, default_gguf):
+    (tmp_path / "a-first.gguf").write_bytes(b"GGUF")
+    (tmp_path / default_gguf.name).symlink_to(default_gguf)
+    (tmp_path / "hf-model").mkdir()
+    (tmp_path / "hf-model" / "config.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "empty-folder").mkdir()
+    names = [label for label, _ in models.list_checkpoints(tmp_path)]
+    assert names == [default_gguf.name, "a-first.gguf", "hf-model"]
+    preselected = models.list_checkpoints(tmp_path, preselect=str(tmp_path / "hf-model"))
+    assert [label for label, _ in preselected] == ["hf-model", default_gguf.name, "a-first.gguf"]
+
+
+def test_a_model_is_loaded_once_even_when_asked_for_at_once():
+    calls = []
+
+    def loader(path):
+        calls.append(path)
+        threading.Event().wait(0.2)
+        return object(), object()
+
+    registry = models.ModelRegistry(loader)
+    entries = []
+    threads = [threading.Thread(target=lambda: entries.append(registry.get("/x/model.gguf"))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and all(e is entries[0] for e in entries)
+
+
+def test_load_model_reports_a_broken_checkpoint_and_the_app_keeps_serving(tmp_path, path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF\x03\x00\x00\x00 truncated")
+    message, chat = handlers.load_model(str(broken), progress=quiet)
+    assert is_error(message) and "broken.gguf" in message
+    outputs = run_generate(app_state.BrowserState(), str(broken), PROMPT)
+    assert is_error(outputs[-1][1])
+    message, chat = handlers.load_model(path, progress=quiet)
+    assert "Ready" in message and chat["value"] is True  # the instruct model has a chat template
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_generation_streams_the_prompt_then_the_library_greedy_continuation(session, entry):
+    state, outputs = session
+    run = state.run
+    texts = [text for text, _, _ in outputs if isinstance(text, str)]
+    assert texts[0] == PROMPT and texts[-1].startswith(PROMPT)
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))  # it only grows
+    ids = torch.tensor([entry.tokenizer(PROMPT)["input_ids"]])
+    expected = library_generate(entry.model, ids, max_new_tokens=NEW)
+    assert torch.equal(run.ids, expected)
+    continuation = entry.tokenizer.decode(expected[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    assert texts[-1] == PROMPT + continuation
+    assert "Done" in outputs[-1][1]
+
+
+def test_sampling_settings_reach_the_library_sampler(path, entry):
+    state = app_state.BrowserState()
+    sampling = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=7)
+    run_generate(state, path, PROMPT, **sampling)
+    ids = torch.tensor([entry.tokenizer(PROMPT)["input_ids"]])
+    expected = library_generate(entry.model, ids, max_new_tokens=NEW, **sampling)
+    assert torch.equal(state.run.ids, expected)
+
+
+def test_stored_activations_equal_run_with_cache_on_the_same_tokens(session, reference):
+    run, (cache, _) = session[0].run, reference
+    assert set(run.cache) == set(cache)
+    for name in ("blocks.0.attn.hook_pattern", "blocks.17.attn.hook_pattern", "blocks.29.hook_resid_post",
+                 "blocks.5.mlp.hook_post", "blocks.11.attn.hook_z"):
+        torch.testing.assert_close(run.cache[name], cache[name], atol=1e-3, rtol=1e-3)  # KV-cached vs one pass
+
+
+def test_a_second_generation_replaces_the_first_and_frees_it(path):
+    state = app_state.BrowserState()
+    run_generate(state, path, "Hello", max_new_tokens=1)
+    first = state.run
+    outputs = run_generate(state, path, "Hello again", max_new_tokens=1)
+    assert "Done" in outputs[-1][1] and state.run is not first
+    assert first.cache is None and state.run.cache is not None
+    assert first not in app_state.LIVE_RUNS._runs and state.run in app_state.LIVE_RUNS._runs
+
+
+def test_chat_template_wraps_the_prompt_as_a_user_turn(entry):
+    ids, text = generating.encode_prompt(entry, "Hi there", chat_template=True)
+    expected = entry.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}],
+                                                   add_generation_prompt=True, tokenize=False)
+    assert text == expected
+    assert ids[0].tolist() == entry.tokenizer(expected, add_special_tokens=False)["input_ids"]
+
+
+def test_stop_ends_generation_early_and_keeps_what_was_made(path):
+    state = app_state.BrowserState()
+    stream = handlers.generate(state, path, PROMPT, False, 200, 1.0, 0, 1.0, 0, False, progress=quiet)
+    outputs = [next(stream)]
+    handlers.stop(state)
+    outputs += list(stream)
+    assert state.run.stopped and state.run.new_tokens < 200
+    assert "Stopped" in outputs[-1][1]
+
+
+def test_concurrent_generations_keep_their_own_tokens_and_activations(path, entry):
+    prompts = ["One two three four", "Paris is the capital of"]
+    states = [app_state.BrowserState() for _ in prompts]
+    threads = [threading.Thread(target=run_generate, args=(s, path, p), kwargs={"max_new_tokens": 4})
+               for s, p in zip(states, prompts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for state, prompt in zip(states, prompts):
+        ids = torch.tensor([entry.tokenizer(prompt)["input_ids"]])
+        assert torch.equal(state.run.ids[:, :ids.shape[1]], ids)
+        with entry.lock:
+            _, alone = entry.model.run_with_cache(state.run.ids[:, :-1], names_filter="blocks.3.attn.hook_pattern")
+        torch.testing.assert_close(state.run.cache["pattern", 3], alone["pattern", 3], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(max_new_tokens=0), "max new tokens must be between 1 and 512"),
+    (dict(max_new_tokens=10_000), "max new tokens must be between 1 and 512"),
+    (dict(max_new_tokens=None), "max new tokens must be a number"),
+    (dict(temperature=0), "temperature must be in (0, 5]"),
+    (dict(top_p=1.5), "top-p must be in (0, 1]"),
+    (dict(top_k=-3), "top-k must be an integer &gt;= 0"),
+    (dict(seed=-1), "seed must be between 0"),
+    (dict(seed=1.5), "seed must be a whole number"),
+])
+def test_out_of_range_settings_are_reported_in_the_status_line(path, settings, message):
+    state = app_state.BrowserState()
+    outputs = run_generate(state, path, PROMPT, **settings)
+    assert len(outputs) == 1 and is_error(outputs[0][1]) and message in outputs[0][1]
+    assert state.run is None
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "the prompt is empty"),
+    ("   \n ", "the prompt is empty"),
+    ("word " * 600, "at most 511 fit"),
+    ("x" * 200_000, "the app takes at most 100,000"),
+])
+def test_empty_and_overlong_prompts_are_reported(path, prompt, message):
+    outputs = run_generate(app_state.BrowserState(), path, prompt)
+    assert is_error(outputs[-1][1]) and message in outputs[-1][1]
+
+
+def test_markup_in_a_prompt_is_escaped_wherever_html_is_built(path):
+    markup = '<img src=x onerror="window.__xss=1">'
+    state = app_state.BrowserState()
+    outputs = run_generate(state, path, markup, max_new_tokens=2)
+    assert outputs[-1][0].startswith(markup)  # the output box is a Textbox: shown as text
+    tokens = views.tokens_html(state.run)
+    assert "<img" not in tokens and "&lt;" in tokens  # "<" is a token of its own, shown escaped
+    assert "<img" not in views.mask_html(state.run)
+    assert "<img" not in handlers.status(f"prompt {markup}") and "&lt;img" in handlers.status(markup)
+
+
+def test_views_without_a_run_ask_to_generate_first():
+    for result in (handlers.draw_attention(None, 0, 0, False, False, False), handlers.draw_lens(None, None),
+                   handlers.ablate(None, "1.1", [], "zero", ""), handlers.export_cache(None)):
+        assert is_error(result[-1]) and "Generate first" in result[-1]
+
+
+def test_out_of_range_layer_and_head_are_reported(session):
+    state = session[0]
+    assert "layers 0..29" in handlers.draw_attention(state, 30, 0, False, False, False)[-1]
+    assert "heads 0..8" in handlers.draw_attention(state, 0, 9, False, False, False)[-1]
+    assert "heads 0..8" in handlers.ablate(state, "2.9", [], "zero", "")[-1]
+    assert "cannot read" in handlers.ablate(state, "2.x", [], "zero", "")[-1]
+
+
+def test_runs_over_the_memory_budget_are_freed_oldest_first_and_say_so(path):
+    older, newer = app_state.BrowserState(), app_state.BrowserState()
+    run_generate(older, path, "Hello", max_new_tokens=1)
+    run_generate(newer, path, "Hello there", max_new_tokens=1)
+    budget = app_state.RunBudget(max_bytes=1)
+    budget.add(older.run)
+    budget.add(newer.run)
+    assert older.run.cache is None and newer.run.cache is not None
+    assert "freed" in handlers.draw_attention(older, 0, 0, False, False, False)[-1]
+    assert not is_error(handlers.draw_attention(newer, 0, 0, False, False, False)[-1])
+
+
+# ---------------------------------------------------------------- tabs
+
+
+def test_attention_heatmap_shows_the_stored_pattern_of_the_chosen_head(session, reference):
+    state, (cache, _) = session[0], reference
+    figure, picker, _ = handlers.draw_attention(state, 17, 4, False, False, False)
+    np.testing.assert_allclose(figure.data[0].z, cache["pattern", 17][0, 4].numpy(), atol=1e-5)
+    assert picker == "H4"
+    mean, picker, _ = handlers.draw_attention(state, 17, 4, True, False, False)
+    np.testing.assert_allclose(mean.data[0].z, cache["pattern", 17][0].mean(0).numpy(), atol=1e-5)
+    assert picker == "mean"
+
+
+def test_head_grid_and_picker_follow_the_layer(session, reference):
+    state, (cache, _) = session[0], reference
+    grid, picker, boxes, _ = handlers.draw_layer(state, 12, False, False)
+    assert len(grid.data) == 9
+    np.testing.assert_allclose(grid.data[7].z, cache["pattern", 12][0, 7].numpy(), atol=1e-5)
+    assert picker["choices"][0] == "mean" and len(picker["choices"]) == 10
+    assert boxes["choices"] == [f"L12H{h}" for h in range(9)]
+    figure, head, mean, _ = handlers.pick_head(state, "H6", 12, 0, False, False)
+    assert (head, mean) == (6, False)
+    np.testing.assert_allclose(figure.data[0].z, cache["pattern", 12][0, 6].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("score, detector", [
+    ("previous-token", lambda p, t: analysis.previous_token_scores(p)),
+    ("induction", analysis.induction_scores),
+    ("duplicate-token", analysis.duplicate_token_scores),
+    ("sink", lambda p, t: analysis.sink_scores(p)),
+    ("entropy", lambda p, t: analysis.head_entropy(p)),
+])
+def test_head_overview_equals_the_detectors_on_all_stacked_patterns(session, reference, score, detector):
+    state, (cache, _) = session[0], reference
+    figure, note, _ = handlers.draw_overview(state, score)
+    expected = detector(analysis.stack_patterns(cache), state.run.ids[:, :-1])
+    np.testing.assert_allclose(figure.data[0].z, expected.numpy(), atol=1e-5)
+    assert note
+
+
+def test_token_logprobs_equal_a_full_forward(session, reference):
+    run, (_, full_logits) = session[0].run, reference
+    logprobs, alternatives = views.token_logprobs(run)
+    expected = torch.log_softmax(full_logits[:-1], -1).gather(-1, run.ids[0, 1:, None])[:, 0]
+    assert torch.isnan(logprobs[0])
+    torch.testing.assert_close(logprobs[1:], expected, atol=1e-4, rtol=1e-4)
+    top = torch.softmax(full_logits[3], -1).topk(5)
+    assert [p for _, p in alternatives[4]] == pytest.approx(top.values.tolist(), abs=1e-4)
+    table = views.tokens_table(run)
+    assert len(table) == len(run.tokens) and list(table["from"]).count("generated") == run.new_tokens
+
+
+def test_logit_lens_is_cache_logit_lens_on_a_window(session, reference):
+    run, (cache, _) = session[0].run, reference
+    figure = handlers.draw_lens(session[0], 2)[0]
+    expected = cache.logit_lens(top_k=1)["top_probs"][:, 0, 2:2 + views.LENS_WIDTH, 0]
+    np.testing.assert_allclose(figure.data[0].z, expected.numpy(), atol=1e-4)
+
+
+def test_mask_tab_prints_the_causal_mask_of_every_token(session):
+    run = session[0].run
+    text = views.mask_html(run)
+    rows = [line for line in text.splitlines() if line.count("■") + line.count("⬚") == len(run.tokens)]
+    assert [row.count("■") for row in rows] == list(range(1, len(run.tokens) + 1))
+
+
+def test_after_a_generation_every_view_is_drawn_once_and_an_error_stays_visible(session, path):
+    state = session[0]
+    state.fresh, state.tab = True, "Logit lens"
+    shown = handlers.show_run(state, 40, 4, False, False, False, "sink")
+    assert shown[0]["value"] == 29 and shown[0]["maximum"] == 29 and shown[1]["maximum"] == 8  # clamped
+    assert shown[3].layout.title.text == "L29 H4" and shown[4]["value"] == "H4"
+    tabs = handlers.draw_run_tabs(state)
+    assert "■" in tabs[0] and tabs[1].layout.title.text.startswith("logit lens")
+    assert not state.fresh and handlers.draw_run_tabs(state) == (gr.skip(),) * 8
+    failed = app_state.BrowserState()
+    run_generate(failed, path, "")  # an error: the views after it leave the page (and its message) alone
+    assert handlers.show_run(failed, 0, 0, False, False, False, "sink") == (gr.skip(),) * 10
+
+
+def test_the_logit_lens_is_drawn_when_its_tab_opens(session):
+    state = session[0]
+    lens, _ = handlers.tab_selected(state, 0, SimpleNamespace(value="Logit lens"))
+    assert lens.layout.title.text.startswith("logit lens") and state.tab == "Logit lens"
+    assert handlers.tab_selected(state, 0, SimpleNamespace(value="Mask")) == (gr.skip(), gr.skip())
+
+
+def test_stop_without_a_generation_says_so():
+    assert "Nothing is generating" in handlers.stop(app_state.BrowserState())
+
+
+def test_activation_tabs(session, reference):
+    state, (cache, _) = session[0], reference
+    state.fresh = True
+    outputs = handlers.draw_run_tabs(state)
+    norms, mlp_table = outputs[4], outputs[6]
+    expected = cache.accumulated_resid()[:, 0].norm(dim=-1)
+    np.testing.assert_allclose(norms.data[0].z, expected.numpy(), rtol=1e-4)
+    post = cache["post", 5][0]
+    assert mlp_table["mean |post|"][5] == pytest.approx(post.abs().mean().item(), abs=1e-4)
+    assert mlp_table["fraction > 0"][5] == pytest.approx((post > 0).float().mean().item(), abs=1e-4)
+
+
+# ---------------------------------------------------------------- intervene
+
+
+def test_zero_ablation_matches_a_hand_written_hook(session, entry):
+    state = session[0]
+    table, summary, message = handlers.ablate(state, "3.1", ["L5H7"], "zero", "")
+    assert "Ablated L3H1, L5H7" in message
+
+    def knock_out(head):
+        def hook(z, hook):  # z [b, p, h, d]
+            z = z.clone()
+            z[:, :, head] = 0
+            return z
+        return hook
+
+    ids = state.run.ids
+    with entry.lock, torch.no_grad():
+        clean = entry.model(ids).logits[0, -1].softmax(-1)
+        with entry.model.hooks(fwd_hooks=[("blocks.3.attn.hook_z", knock_out(1)), ("blocks.5.attn.hook_z", knock_out(7))]):
+            ablated = entry.model(ids).logits[0, -1].softmax(-1)
+    np.testing.assert_allclose(table["p before"], clean.topk(10).values.numpy(), atol=1e-4)
+    np.testing.assert_allclose(table["p after"], ablated.topk(10).values.numpy(), atol=1e-4)
+    assert "logit" in summary and "KL" in summary
+
+
+def test_ablation_tracks_a_chosen_token(session, entry):
+    state = session[0]
+    _, summary, message = handlers.ablate(state, "0.0 0.1 0.2", [], "mean", " mat")
+    token = entry.tokenizer(" mat", add_special_tokens=False)["input_ids"][0]
+    assert f"(id {token})" in summary and "mean" in message
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_exports_png_html_cache_and_a_view_that_the_notebook_reads(session, entry, path):
+    state = session[0]
+    options = (3, 2, False, False, False, "induction", None)
+    png, message = handlers.export_png(state, "attention", *options)
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and "Saved" in message
+    for which in ("head grid", "head overview", "logit lens", "tokens", "residual norms"):
+        assert open(handlers.export_png(state, which, *options)[0], "rb").read(4) == b"\x89PNG"
+    page = open(handlers.export_html(state, "head grid", *options)[0], encoding="utf-8").read()
+    assert "<script src=\"http" not in page and "Plotly" in page  # plotly.js inlined: opens offline
+    cache_file, _ = handlers.export_cache(state)
+    loaded = ActivationCache.load(cache_file, model=entry.model)
+    torch.testing.assert_close(loaded["pattern", 3], state.run.cache["pattern", 3])
+    view_file, _ = handlers.export_view(state, *options)
+    view = read_view(view_file)
+    assert view["prompt"] == PROMPT and str(view["model"]) == path
+    assert view["settings"]["layer"] == 3 and view["settings"]["head"] == 2
+    assert json.loads(open(view_file).read())["token_ids"] == state.run.ids[0].tolist()
