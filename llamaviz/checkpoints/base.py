@@ -61,6 +61,15 @@ def unpermute_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, d // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)  # [h*d, ...]
 
 
+def hf_rope_layout(name: str, weight: torch.Tensor, config) -> torch.Tensor:
+    """Restore HF's half-split row order on q (per query head) and k (per kv head); other tensors pass."""
+    if ".self_attn.q_proj." in name:
+        return unpermute_rope_rows(weight, config.num_attention_heads)
+    if ".self_attn.k_proj." in name:
+        return unpermute_rope_rows(weight, config.num_key_value_heads)
+    return weight
+
+
 def permute_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """HF's half-split row order -> interleaved (what llama.cpp's and Meta's files hold); inverse of the above."""
     rest = weight.shape[1:]

@@ -19,7 +19,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llamaviz.checkpoints import quants
-from llamaviz.checkpoints.base import Checkpoint, TensorInfo, unpermute_rope_rows
+from llamaviz.checkpoints.base import Checkpoint, TensorInfo, hf_rope_layout
 from llamaviz.llama.config import LlamaConfig
 
 _STRING, _ARRAY = 8, 9
@@ -334,15 +334,9 @@ class GGUFCheckpoint(Checkpoint):
         for name, source in self._sources.items():
             if wanted is None or name in wanted:
                 raw = mapped[source.offset:source.offset + source.nbytes]
-                yield name, self._hf_layout(name, quants.dequantize(raw, source.ggml_type, source.shape))
+                weight = quants.dequantize(raw, source.ggml_type, source.shape)
+                yield name, hf_rope_layout(name, weight, self.config)
 
-    def _hf_layout(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """Undo llama.cpp's interleaved-RoPE row order on q (per query head) and k (per key/value head)."""
-        if ".self_attn.q_proj." in name:
-            return unpermute_rope_rows(weight, self.config.num_attention_heads)
-        if ".self_attn.k_proj." in name:
-            return unpermute_rope_rows(weight, self.config.num_key_value_heads)
-        return weight
 
 
 def _check_dequantizable(path: Path, tensors) -> None:

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from llamaviz.checkpoints.base import Checkpoint, TensorInfo, first_float_dtype, unpermute_rope_rows
+from llamaviz.checkpoints.base import Checkpoint, TensorInfo, first_float_dtype, hf_rope_layout
 from llamaviz.llama.config import LlamaConfig
 
 _TOP_LEVEL = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -141,15 +141,8 @@ class MetaCheckpoint(Checkpoint):
                 continue
             pieces = [shard[name] for shard in shards]
             tensor = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
-            yield hf, self._hf_layout(hf, tensor)
+            yield hf, hf_rope_layout(hf, tensor, self.config)
 
-    def _hf_layout(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """Meta's q/k rows are in interleaved-RoPE order, like llama.cpp's: restore HF's half-split order."""
-        if ".self_attn.q_proj." in name:
-            return unpermute_rope_rows(weight, self.config.num_attention_heads)
-        if ".self_attn.k_proj." in name:
-            return unpermute_rope_rows(weight, self.config.num_key_value_heads)
-        return weight
 
 
 def _load_pth(file: Path) -> dict[str, torch.Tensor]:

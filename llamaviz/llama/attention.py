@@ -28,8 +28,8 @@ def eager_attention(q, k, v, mask, scale, hook_scores: HookPoint, hook_pattern: 
     """q [b, h, p, d], k/v [b, g, k, d], mask bool [b|1, 1, p, k] -> (z [b, h, p, d], pattern [b, h, p, k])."""
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, h, p, k]
-    scores = hook_scores(scores.masked_fill(~mask, float("-inf")))
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [b, h, p, k]; in place: it is a fresh tensor
+    scores = hook_scores(scores.masked_fill_(~mask, float("-inf")))
     pattern = hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))  # [b, h, p, k]
     return torch.matmul(pattern, v), pattern  # [b, h, p, d]
 
