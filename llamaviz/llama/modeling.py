@@ -8,8 +8,6 @@ m hidden_size, f intermediate_size, v vocab.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -239,9 +237,12 @@ class LlamaModel(LlamaPreTrainedModel):
         plain = ((attention_mask is None or bool(attention_mask.all())) and key_length == past + p
                  and (window is None or past + p <= window) and (past == 0 or p == 1))
 
-        @functools.cache  # built at most once per forward, and only if some layer needs it
+        built: list[torch.Tensor] = []  # the mask is built at most once per forward, and only if a layer needs it
+
         def explicit() -> torch.Tensor:
-            return attend_somewhere(build_mask(p, key_length, past, attention_mask, window, device))
+            if not built:
+                built.append(attend_somewhere(build_mask(p, key_length, past, attention_mask, window, device)))
+            return built[0]
 
         return (None if plain else explicit()), explicit
 
