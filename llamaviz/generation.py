@@ -65,19 +65,23 @@ def _check_settings(model, input_ids, max_new_tokens, temperature, top_k, top_p,
                     cache_implementation):
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = None if input_ids is None else tuple(input_ids.shape)
-        raise ValueError(f"generate needs a non-empty prompt: input_ids of shape [batch, positions >= 1], got {shape}")
+        raise ValueError(f"generate needs a non-empty prompt: input_ids of shape [batch, positions >= 1], "
+                         f"got {shape}")
     context = model.config.max_position_embeddings
     if input_ids.shape[1] >= context:
         raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in the model's context of "
                          f"{context} tokens")
     checks = [
-        (isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"),
+        (isinstance(max_new_tokens, int) and max_new_tokens >= 1,
+         f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"),
         (temperature > 0, f"temperature must be > 0, got {temperature}"),
-        (top_k is None or (isinstance(top_k, int) and top_k >= 0), f"top_k must be None or an integer >= 0, got {top_k!r}"),
+        (top_k is None or (isinstance(top_k, int) and top_k >= 0),
+         f"top_k must be None or an integer >= 0, got {top_k!r}"),
         (top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
         (repetition_penalty > 0, f"repetition_penalty must be > 0, got {repetition_penalty}"),
         (cache_implementation in CACHE_IMPLEMENTATIONS,
-         f"cache_implementation {cache_implementation!r} is not supported; accepted: {', '.join(CACHE_IMPLEMENTATIONS)}"),
+         f"cache_implementation {cache_implementation!r} is not supported; "
+         f"accepted: {', '.join(CACHE_IMPLEMENTATIONS)}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -210,7 +214,7 @@ def _assemble(name: str, parts: list[torch.Tensor], length: int) -> torch.Tensor
     if not (name.endswith("hook_pattern") or name.endswith("hook_attn_scores")):
         return torch.cat(parts, dim=1)[:, :length]
     b, h = parts[0].shape[:2]
-    fill = 0.0 if name.endswith("hook_pattern") else float("-inf")
+    fill = 0.0 if name.endswith("hook_pattern") else torch.finfo(parts[0].dtype).min  # as masked scores
     full = parts[0].new_full((b, h, length, length), fill)  # [b, h, T, T]
     row = 0
     for part in parts:  # part [b, h, p_step, k_step]
