@@ -25,20 +25,14 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def eager_attention(q, k, v, mask, scale, hook_scores: HookPoint, hook_pattern: HookPoint):
-    """q [b, h, p, d], k/v [b, g, k, d], mask bool [b|1, 1, p, k] -> (z [b, h, p, d], pattern [b, h, p, k]).
-
-    The query heads sharing a kv head are stacked along positions, so each kv head is multiplied
-    once, without repeated copies: [b, g, (h/g) * p, d] @ [b, g, d, k].
-    """
-    b, h, p, d = q.shape
-    g, keys = k.shape[1], k.shape[2]
-    grouped_q = q.reshape(b, g, (h // g) * p, d)
-    scores = torch.matmul(grouped_q, k.transpose(-1, -2)).view(b, h, p, keys).mul_(scale)  # [b, h, p, k]
+    """q [b, h, p, d], k/v [b, g, k, d], mask bool [b|1, 1, p, k] -> (z [b, h, p, d], pattern [b, h, p, k])."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [b, h, p, k]; in place: it is a fresh tensor
     # masked scores hold the dtype's lowest value, as in transformers (softmax over -inf is slower)
     scores = hook_scores(scores.masked_fill_(~mask, torch.finfo(scores.dtype).min))
     pattern = hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))  # [b, h, p, k]
-    z = torch.matmul(pattern.reshape(b, g, (h // g) * p, keys), v)  # [b, g, (h/g) * p, d]
-    return z.view(b, h, p, d), pattern
+    return torch.matmul(pattern, v), pattern  # [b, h, p, d]
 
 
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
