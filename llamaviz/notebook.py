@@ -81,9 +81,12 @@ def encode(tok, text: str) -> tuple[torch.Tensor, list[str]]:
     return ids, tok.display_tokens(ids[0].tolist())
 
 
-def run(model, tok, text: str, names: list[str]) -> Run:
-    """Run `text` through the model, caching the hook points in `names` (none: no cache)."""
-    ids, tokens = encode(tok, text)
+def run(model, tok, text: str, names: list[str], ids: torch.Tensor | None = None) -> Run:
+    """Run `text` (or exactly the token `ids` [1, p] when given) caching the hook points in `names`."""
+    if ids is None:
+        ids, tokens = encode(tok, text)
+    else:
+        tokens = tok.display_tokens(ids[0].tolist())
     with torch.no_grad():
         if not names:
             return Run(ids, tokens, model(ids.to(model.device)).logits, None)
@@ -230,7 +233,7 @@ class View:
 
 
 def read_view(path: str | Path) -> dict:
-    """Parse and check a view file; returns {"model", "prompt", "seed", "settings"} with defaults."""
+    """Parse and check a view file; returns {"model", "prompt", "seed", "token_ids", "settings"} with defaults."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no view file at {path}")
@@ -250,7 +253,11 @@ def read_view(path: str | Path) -> dict:
     model = data.get("model", data.get("model_path"))
     if model is not None and not isinstance(model, str):
         raise ValueError(f"{path}: \"model\" must be a path string or null; got {model!r}")
-    return {"model": _model_path(model, path), "prompt": prompt, "seed": seed,
+    token_ids = data.get("token_ids")  # the app stores the exact sequence it showed
+    if token_ids is not None and (not isinstance(token_ids, list) or not token_ids
+                                  or not all(isinstance(i, int) and not isinstance(i, bool) for i in token_ids)):
+        raise ValueError(f"{path}: \"token_ids\" must be a non-empty list of integers or absent")
+    return {"model": _model_path(model, path), "prompt": prompt, "seed": seed, "token_ids": token_ids,
             "settings": {**VIEW_SETTINGS, **settings}}
 
 
@@ -266,8 +273,8 @@ def _model_path(model: str | None, view_path: Path) -> Path | None:
 
 
 def open_view(path: str | Path, model=None, tok=None) -> View:
-    """Reopen a view saved by the web app: load its model (or use the given model and tok),
-    rerun its prompt with its seed and regenerate the figures with its settings."""
+    """Reopen a view saved by the web app: load its model (or use the given model and tok), rerun
+    its token ids (or its prompt, when the file has none) and regenerate the figures with its settings."""
     view = read_view(path)
     if model is None or tok is None:
         from . import load
@@ -278,7 +285,8 @@ def open_view(path: str | Path, model=None, tok=None) -> View:
     layer, head = _layer(model, settings["layer"]), _head(model, settings["head"])
     if view["seed"] is not None:
         torch.manual_seed(view["seed"])
-    result = run(model, tok, view["prompt"], [f"blocks.{layer}.attn.hook_pattern", *_resid_names(model)])
+    ids = torch.tensor([view["token_ids"]]) if view["token_ids"] else None  # [1, p]: what the app showed
+    result = run(model, tok, view["prompt"], [f"blocks.{layer}.attn.hook_pattern", *_resid_names(model)], ids)
     figures = _view_figures(model, tok, result, layer, head, settings)
     return View(model, tok, view["model"], view["prompt"], view["seed"], settings, result, figures)
 

@@ -199,6 +199,20 @@ def test_open_view_regenerates_the_figures(model_and_tok, clean_run, default_ggu
     torch.testing.assert_close(view.run.logits, clean_run.logits, rtol=1e-4, atol=1e-4)
 
 
+def test_open_view_reruns_the_exact_token_ids_the_app_stored(model_and_tok, tmp_path):
+    model, tok = model_and_tok
+    ids = tok(PROMPT + " photosynthesis, which", return_tensors="pt")["input_ids"]
+    path = tmp_path / "view.json"
+    path.write_text(json.dumps({"model": None, "prompt": PROMPT, "seed": None, "token_ids": ids[0].tolist(),
+                                "settings": {"layer": 2, "head": "mean"}}))
+    view = notebook.open_view(path, model=model, tok=tok)
+    assert torch.equal(view.run.input_ids, ids)
+    torch.testing.assert_close(view.run.logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    path.write_text(json.dumps({"prompt": PROMPT, "token_ids": ["a"]}))
+    with pytest.raises(ValueError, match="token_ids"):
+        notebook.read_view(path)
+
+
 @pytest.mark.slow
 def test_quickstart_executes(default_gguf, tmp_path):
     nbformat = pytest.importorskip("nbformat")
