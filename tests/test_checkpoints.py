@@ -373,6 +373,10 @@ def test_progress_bar_when_asked(hf_folder, capsys):
     assert "100%" in capsys.readouterr().err
     load_pretrained(LlamaForCausalLM, folder)  # small: no bar by default
     assert capsys.readouterr().err == ""
+    told = []
+    load_pretrained(LlamaForCausalLM, folder, progress=lambda fraction, text: told.append((fraction, text)))
+    assert capsys.readouterr().err == "" and told[-1][0] == 1.0 and "Loading" in told[-1][1]
+    assert [fraction for fraction, _ in told] == sorted(fraction for fraction, _ in told)
 
 
 # ----- Meta's original format -----

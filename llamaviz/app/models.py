@@ -42,11 +42,11 @@ class ModelEntry:
                 f"{c.max_position_embeddings}, vocab {c.vocab_size}")
 
 
-def default_loader(path: str):
-    """(model, tokenizer) through llamaviz.load, in eval mode."""
+def default_loader(path: str, progress: Callable[[float, str], None] | None = None):
+    """(model, tokenizer) through llamaviz.load, in eval mode; `progress(fraction, text)` follows the weights."""
     import llamaviz
 
-    model, tokenizer = llamaviz.load(path)
+    model, tokenizer = llamaviz.load(path, progress=progress)
     model.eval()
     if not getattr(model, "name_or_path", ""):
         model.name_or_path = str(path)
@@ -79,7 +79,8 @@ class ModelRegistry:
                     return self._entries[key]
             if progress:
                 progress(0.05, f"reading {Path(path).name}")
-            model, tokenizer = self.loader(path)
+            weights = (lambda share, text: progress(0.05 + 0.9 * share, text)) if progress else None
+            model, tokenizer = self.loader(path, progress=weights)
             entry = ModelEntry(path=str(path), model=model, tokenizer=tokenizer)
             with self._lock:
                 self._entries[key] = entry

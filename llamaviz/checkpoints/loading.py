@@ -115,11 +115,12 @@ def _check_available(device: torch.device) -> None:
 
 
 def load_pretrained(model_class, path, dtype=None, device=None, attn_implementation: str = "sdpa",
-                    progress: bool | None = None, **model_kwargs):
+                    progress=None, **model_kwargs):
     """Build `model_class` on the meta device and fill it from the checkpoint at `path`, one tensor at a time.
 
     Keyword arguments naming LlamaConfig fields (e.g. num_labels=3) override the config; the rest go
-    to the model's constructor. progress: True/False forces the stderr bar; None shows it above 500 MB.
+    to the model's constructor. progress: True/False forces the stderr bar; None shows it above 500 MB;
+    a callable `fn(fraction, text)` is told instead (the web app's progress bar).
     """
     checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     dtype, device = resolve_dtype(dtype, checkpoint), resolve_device(device)
@@ -270,12 +271,13 @@ def _check_shape(checkpoint: Checkpoint, name: str, expected: tuple, config: Lla
     raise ValueError(message)
 
 
-def _fill(checkpoint: Checkpoint, targets: dict, plan: dict, progress: bool | None) -> None:
+def _fill(checkpoint: Checkpoint, targets: dict, plan: dict, progress) -> None:
     """Put each streamed tensor into its parameter: adopted when the reader made it fresh in the right
     dtype (no copy, no page faults), else copied in (cast to the parameter's dtype, moved to its device)."""
     total = sum(checkpoint.infos[name].nbytes for name in plan)
-    bar = ProgressBar(total, f"Loading {checkpoint.path.name}",
-                      enabled=progress if progress is not None else total > PROGRESS_MIN_BYTES)
+    callback = progress if callable(progress) else None
+    enabled = progress if isinstance(progress, bool) else (callback is None and total > PROGRESS_MIN_BYTES)
+    bar = ProgressBar(total, f"Loading {checkpoint.path.name}", enabled=enabled, callback=callback)
     with torch.no_grad():
         for name, tensor in checkpoint.tensors(plan):
             target = targets[plan[name]]
@@ -303,13 +305,17 @@ def _init_new_heads(targets: dict, keys: list[str], std: float) -> None:
 class ProgressBar:
     """A one-line progress bar on stderr: `Loading x.gguf [#####.....] 52% 51/98 MB`."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True, width: int = 30, stream=None):
+    def __init__(self, total: int, label: str, enabled: bool = True, width: int = 30, stream=None, callback=None):
         self.total, self.label, self.enabled, self.width = max(total, 1), label, enabled, width
+        self.callback = callback  # fn(fraction, text), told of every update
         self.stream = stream or sys.stderr
         self.done, self._last_draw = 0, 0.0
 
     def update(self, amount: int) -> None:
         self.done += amount
+        if self.callback is not None:
+            self.callback(min(self.done / self.total, 1.0),
+                          f"{self.label}: {self.done >> 20}/{self.total >> 20} MB")
         now = time.monotonic()
         if self.enabled and (now - self._last_draw > 0.1 or self.done >= self.total):
             self._last_draw = now

@@ -87,7 +87,7 @@ def test_checkpoint_list_puts_the_default_model_first_and_the_preselected_one_be
 def test_a_model_is_loaded_once_even_when_asked_for_at_once():
     calls = []
 
-    def loader(path):
+    def loader(path, progress=None):
         calls.append(path)
         threading.Event().wait(0.2)
         return object(), object()
