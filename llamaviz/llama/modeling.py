@@ -20,7 +20,7 @@ from .hook_points import HookedRootModule, HookPoint
 from .masks import attend_somewhere, build_mask
 from .outputs import BaseModelOutput, CausalLMOutput
 from .quantize import check_quantization, quantize_model
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, rotary_embedding
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -162,7 +162,7 @@ class LlamaModel(LlamaPreTrainedModel):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, attn_implementation)
                                     for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
+        self.rotary_emb = rotary_embedding(config)
         self.hook_embed = HookPoint()  # [b, p, m]
         self.apply(self._init_weights)
         self.setup_hooks()

@@ -64,23 +64,36 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("inv_freq", INV_FREQ[config.rope_type](config, config.head_dim), persistent=False)
-        self.original_max = (config.rope_scaling or {}).get(
-            "original_max_position_embeddings", config.max_position_embeddings)
 
     def reset_parameters(self) -> None:
         """Recompute the table (after construction on the meta device)."""
         self.inv_freq = INV_FREQ[self.config.rope_type](self.config, self.config.head_dim).to(self.inv_freq.device)
 
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.inv_freq
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq
-        if self.config.rope_type == "dynamic":
-            reach = int(position_ids.max()) + 1
-            if reach > self.original_max:
-                inv_freq = _dynamic(self.config, self.config.head_dim, reach).to(inv_freq.device)
-        freqs = position_ids[..., None].float() * inv_freq  # [b, p, d/2]
+        freqs = position_ids[..., None].float() * self.frequencies(position_ids)  # [b, p, d/2]
         sin = freqs.sin()
         cos = freqs.cos()
         return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+
+
+class DynamicRotaryEmbedding(RotaryEmbedding):
+    """Dynamic NTK scaling: once positions reach past the trained context, the base grows with them."""
+
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        reach = int(position_ids.max()) + 1
+        original = self.config.rope_scaling.get("original_max_position_embeddings",
+                                                self.config.max_position_embeddings)
+        if reach <= original:
+            return self.inv_freq
+        return _dynamic(self.config, self.config.head_dim, reach).to(self.inv_freq.device)
+
+
+def rotary_embedding(config: LlamaConfig) -> RotaryEmbedding:
+    """The rotary module for the config's rope type."""
+    return DynamicRotaryEmbedding(config) if config.rope_type == "dynamic" else RotaryEmbedding(config)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
