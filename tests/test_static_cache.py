@@ -75,15 +75,25 @@ def test_compile_needs_the_static_cache():
         ours.generate(torch.randint(3, 113, (1, 4)), cache_implementation="dynamic", compile=True)
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
-                    reason="torch.compile on CPU needs a C++ compiler (g++/clang++), none on PATH")
-def test_compiled_decode_matches_dynamic_and_compiles_once():
-    """Slow-ish (one inductor compile, ~20-40 s on 2 cores): compiled steps give the dynamic cache's tokens."""
+needs_compiler = pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+    reason="torch.compile on CPU needs a C++ compiler (g++/clang++), none on PATH")
+
+
+@pytest.fixture
+def counters():
+    """dynamo's counters, starting from a fresh dynamo state."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
+    return counters
+
+
+@needs_compiler
+def test_compiled_decode_matches_dynamic_and_compiles_once(counters):
+    """Slow-ish (one inductor compile, ~20-40 s on 2 cores): compiled steps give the dynamic cache's tokens."""
     _, ours = hf_and_ours("gqa")
     ids, mask = left_padded(batch=2)
     kwargs = dict(attention_mask=mask, max_new_tokens=10, eos_token_id=[])
@@ -99,16 +109,10 @@ def test_compiled_decode_matches_dynamic_and_compiles_once():
     print(f"\ncompile + 2 generations: {time.perf_counter() - started:.1f} s")
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
-                    reason="torch.compile on CPU needs a C++ compiler (g++/clang++), none on PATH")
-def test_compiled_decode_of_an_int4_model_has_no_graph_breaks():
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
+@needs_compiler
+def test_compiled_decode_of_an_int4_model_has_no_graph_breaks(counters):
     from llamaviz.llama.quantize import quantize_model
 
-    torch._dynamo.reset()
-    counters.clear()
     _, ours = hf_and_ours("gqa")
     quantize_model(ours, "int4")
     ids = torch.randint(3, 113, (1, 6))

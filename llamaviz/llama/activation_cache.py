@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,8 +51,6 @@ class ActivationCache(Mapping):
     def __getitem__(self, key) -> torch.Tensor:
         name = hook_name(*key) if isinstance(key, tuple) else key
         if name not in self._tensors:
-            import difflib
-
             close = difflib.get_close_matches(name, list(self._tensors), n=5, cutoff=0.6)
             raise KeyError(f"{name!r} is not in this cache ({len(self._tensors)} names"
                            + (f"; closest: {', '.join(close)})" if close else ")"))

@@ -313,7 +313,7 @@ def test_token_logprobs_equal_a_full_forward(session, reference):
 
 
 def test_logit_lens_is_cache_logit_lens_on_a_window(session, reference):
-    run, (cache, _) = session[0].run, reference
+    cache, _ = reference
     figure = handlers.draw_lens(session[0], 2)[0]
     expected = cache.logit_lens(top_k=1)["top_probs"][:, 0, 2:2 + views.LENS_WIDTH, 0]
     np.testing.assert_allclose(figure.data[0].z, expected.numpy(), atol=1e-4)

@@ -110,7 +110,6 @@ def test_mean_ablation_patching_and_steering(pair, ids):
     other = torch.randint(3, 113, (1, 9), generator=torch.Generator().manual_seed(5))
     patched = ours.run_with_hooks(other, fwd_hooks=patch_activation("blocks.0.hook_resid_pre", clean)).logits
     assert_close(patched, ours(ids[:1]).logits, atol=1e-5, rtol=0)
-    partial, cache = None, None
     with ours.hooks(fwd_hooks=patch_activation("blocks.2.hook_resid_post", clean, positions=[8])):
         partial = ours(other).logits
     assert_close(partial[0, 8], clean["hook_logits"][0, 8], atol=1e-5, rtol=0)
