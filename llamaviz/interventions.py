@@ -27,15 +27,9 @@ def _heads_by_layer(heads) -> dict[int, list[int]]:
 
 def check_heads(model, heads) -> dict[int, list[int]]:
     """Validated {layer: [heads]}; ValueError naming the range for an out-of-range layer or head."""
-    grouped = _heads_by_layer(heads)
-    layers, per_layer = model.config.num_hidden_layers, model.config.num_attention_heads
-    for layer, hs in grouped.items():
-        if not 0 <= layer < layers:
-            raise ValueError(f"layer {layer} is out of range: the model has layers 0..{layers - 1}")
-        bad = [h for h in hs if not 0 <= h < per_layer]
-        if bad:
-            raise ValueError(f"head {bad[0]} is out of range: layer {layer} has heads 0..{per_layer - 1}")
-    return grouped
+    config = model.config
+    return {config.check_layer(layer): [config.check_head(h) for h in hs]
+            for layer, hs in _heads_by_layer(heads).items()}
 
 
 def ablate_heads(heads, mode: str = "zero", model=None, mean_cache: ActivationCache | None = None):

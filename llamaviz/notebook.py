@@ -24,7 +24,7 @@ import torch
 from plotly.io.base_renderers import NotebookRenderer
 
 from . import plots
-from .plots.checks import check_index, check_name, check_positive
+from .plots.checks import check_name, check_positive
 from .plots.panels import Head
 
 _offline_ready = False
@@ -96,14 +96,14 @@ def run(model, tok, text: str, names: list[str], ids: torch.Tensor | None = None
 
 def _layer(model, layer: int) -> int:
     """Check a layer index against the model."""
-    return check_index(layer, "layer", model.config.num_hidden_layers, "layers in the model")
+    return model.config.check_layer(layer)
 
 
 def _head(model, head: Head) -> Head:
     """Check a head index (or "mean") against the model."""
     if head == "mean":
         return head
-    return check_index(head, "head", model.config.num_attention_heads, "heads per layer")
+    return model.config.check_head(head)
 
 
 def _resid_names(model) -> list[str]:

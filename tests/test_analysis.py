@@ -43,9 +43,9 @@ def test_detect_heads_on_a_model_returns_layer_by_head_scores():
 
 def test_out_of_range_heads_and_unknown_modes_are_named():
     _, ours = hf_and_ours()
-    with pytest.raises(ValueError, match=r"layer 5 is out of range: the model has layers 0..2"):
+    with pytest.raises(ValueError, match=r"layer 5 is out of range: the model has 3 layers, 0\.\.2"):
         ablate_heads([(5, 0)], model=ours)
-    with pytest.raises(ValueError, match=r"head 4 is out of range: layer 1 has heads 0..3"):
+    with pytest.raises(ValueError, match=r"head 4 is out of range: the model has 4 heads per layer, 0\.\.3"):
         ablate_heads({1: [4]}, model=ours)
     with pytest.raises(ValueError, match="ablation mode 'resample'"):
         ablate_heads([(0, 0)], mode="resample")

@@ -12,12 +12,13 @@ import pytest
 import torch
 from plotly.offline import get_plotlyjs
 
-from llamaviz import notebook, plots
+from llamaviz import LlamaConfig, notebook, plots
 from llamaviz.plots.tokens import escape_html
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 PROMPT = "The cat sat on the mat. The cat sat on the"
-TINY = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2, num_attention_heads=3))
+TINY = SimpleNamespace(config=LlamaConfig(num_hidden_layers=2, num_attention_heads=3, hidden_size=6,
+                                          intermediate_size=8, vocab_size=10))  # a config, no weights
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +82,10 @@ def test_enable_offline_inlines_plotlyjs_once_in_ipython(monkeypatch):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: notebook.show_attention(TINY, None, PROMPT, 2), r"layer must be in \[0, 2\) \(2 layers"),
-    (lambda: notebook.show_attention(TINY, None, PROMPT, 0, 3), r"head must be in \[0, 3\) \(3 heads"),
-    (lambda: notebook.show_attention(TINY, None, PROMPT, 0, "all"), r"head must be an int"),
-    (lambda: notebook.show_head_grid(TINY, None, PROMPT, -1), r"layer must be in \[0, 2\)"),
+    (lambda: notebook.show_attention(TINY, None, PROMPT, 2), r"layer 2 is out of range: the model has 2 layers, 0\.\.1"),
+    (lambda: notebook.show_attention(TINY, None, PROMPT, 0, 3), r"head 3 is out of range: the model has 3 heads per layer, 0\.\.2"),
+    (lambda: notebook.show_attention(TINY, None, PROMPT, 0, "all"), r"head must be an integer in 0\.\.2, got 'all'"),
+    (lambda: notebook.show_head_grid(TINY, None, PROMPT, -1), r"layer -1 is out of range"),
     (lambda: notebook.show_attention(TINY, None, "  ", 0), "text must be a non-empty string"),
     (lambda: notebook.show_tokens(TINY, None, PROMPT, top_k=0), "top_k must be a positive int"),
     (lambda: notebook.show_resid_norms(TINY, None, PROMPT, kind="bar"), "kind must be one of"),

@@ -71,14 +71,14 @@ def num_heads(run: Run) -> int:
 
 def check_layer_head(run: Run, layer, head) -> tuple[int, int | str]:
     """(layer, head or "mean") checked against the run's model; ValueError naming the valid range."""
-    layers, heads = num_layers(run), num_heads(run)
-    if layer is None or not 0 <= int(layer) < layers:
-        raise ValueError(f"layer {layer!r} is out of range: the model has layers 0..{layers - 1}")
-    if head in (None, "mean", -1):
-        return int(layer), "mean"
-    if not 0 <= int(head) < heads:
-        raise ValueError(f"head {head!r} is out of range: each layer has heads 0..{heads - 1} (or the mean)")
-    return int(layer), int(head)
+    config = run.entry.config
+    layer = config.check_layer(_slider_int(layer))
+    return layer, "mean" if head in (None, "mean", -1) else config.check_head(_slider_int(head))
+
+
+def _slider_int(value):
+    """A slider's value as an int when it is a whole number (sliders may send 3.0); else unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def pattern(run: Run, layer: int) -> torch.Tensor:

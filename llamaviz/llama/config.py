@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,14 @@ class LlamaConfig:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
+    def check_layer(self, layer) -> int:
+        """`layer` as an int in 0..num_hidden_layers - 1; ValueError naming the valid range otherwise."""
+        return _check_index(layer, "layer", self.num_hidden_layers, "layers")
+
+    def check_head(self, head) -> int:
+        """`head` as an int in 0..num_attention_heads - 1; ValueError naming the valid range otherwise."""
+        return _check_index(head, "head", self.num_attention_heads, "heads per layer")
+
     # ----- config.json -----
 
     @classmethod
@@ -124,6 +133,19 @@ class LlamaConfig:
         target = folder / "config.json"
         target.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return target
+
+
+def _check_index(value, name: str, size: int, what: str) -> int:
+    """`value` as an int in 0..size - 1 (ints, numpy and 0-d torch integers; not bools)."""
+    try:
+        index = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        index = None
+    if index is None:
+        raise ValueError(f"{name} must be an integer in 0..{size - 1}, got {value!r}")
+    if not 0 <= index < size:
+        raise ValueError(f"{name} {index} is out of range: the model has {size} {what}, 0..{size - 1}")
+    return index
 
 
 def _normalise_rope_scaling(scaling: dict | None) -> dict | None:

@@ -105,21 +105,10 @@ class AttentionMaskVisualizer:
 
     def check_layer_head(self, layer, head) -> tuple[int, int | str]:
         """(layer, head) validated against the config; head None -> "mean". ValueError names the valid range."""
-        layers, heads = self.config.num_hidden_layers, self.config.num_attention_heads
         if layer is None:
-            raise ValueError(f"head= needs layer= as well (a layer in 0..{layers - 1})")
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"layer must be an integer in 0..{layers - 1}, got {layer!r}")
-        if not 0 <= layer < layers:
-            raise ValueError(f"layer {layer} is out of range: {self.name} has {layers} layers, 0..{layers - 1}")
-        if head is None or head == "mean":
-            return layer, "mean"
-        if isinstance(head, bool) or not isinstance(head, int):
-            raise ValueError(f"head must be an integer in 0..{heads - 1} or 'mean', got {head!r}")
-        if not 0 <= head < heads:
-            raise ValueError(f"head {head} is out of range: {self.name} has {heads} heads per layer, "
-                             f"0..{heads - 1} (or 'mean')")
-        return layer, head
+            raise ValueError(f"head= needs layer= as well (a layer in 0..{self.config.num_hidden_layers - 1})")
+        layer = self.config.check_layer(layer)
+        return layer, "mean" if head is None or head == "mean" else self.config.check_head(head)
 
     @property
     def model(self):

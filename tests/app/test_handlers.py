@@ -242,10 +242,14 @@ def test_views_without_a_run_ask_to_generate_first():
 
 def test_out_of_range_layer_and_head_are_reported(session):
     state = session[0]
-    assert "layers 0..29" in handlers.draw_attention(state, 30, 0, False, False, False)[-1]
-    assert "heads 0..8" in handlers.draw_attention(state, 0, 9, False, False, False)[-1]
-    assert "heads 0..8" in handlers.ablate(state, "2.9", [], "zero", "")[-1]
+    assert "30 layers, 0..29" in handlers.draw_attention(state, 30, 0, False, False, False)[-1]
+    assert "9 heads per layer, 0..8" in handlers.draw_attention(state, 0, 9, False, False, False)[-1]
+    assert "9 heads per layer, 0..8" in handlers.ablate(state, "2.9", [], "zero", "")[-1]
     assert "cannot read" in handlers.ablate(state, "2.x", [], "zero", "")[-1]
+    figure, _, status = handlers.draw_attention(state, 2.0, 1.0, False, False, False)  # sliders may send floats
+    assert status == gr.skip() and figure.layout.title.text == handlers.draw_attention(
+        state, 2, 1, False, False, False)[0].layout.title.text
+    assert "layer must be an integer in 0..29, got 2.5" in handlers.draw_attention(state, 2.5, 0, False, False, False)[-1]
 
 
 def test_runs_over_the_memory_budget_are_freed_oldest_first_and_say_so(path):

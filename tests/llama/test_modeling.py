@@ -1,5 +1,6 @@
 """LlamaModel / LlamaForCausalLM against transformers on tiny random configs (float32, CPU)."""
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -116,6 +117,19 @@ def test_bad_config_and_inputs_are_named():
         ours(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="at least one position"):
         ours(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_layer_and_head_checks_accept_integers_and_name_the_range():
+    config = LlamaConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         vocab_size=10)
+    assert [config.check_layer(2), config.check_layer(np.int64(0)), config.check_head(torch.tensor(3))] == [2, 0, 3]
+    with pytest.raises(ValueError, match=r"^layer 3 is out of range: the model has 3 layers, 0\.\.2$"):
+        config.check_layer(3)
+    with pytest.raises(ValueError, match=r"^head -1 is out of range: the model has 4 heads per layer, 0\.\.3$"):
+        config.check_head(-1)
+    for bad in (1.0, "1", True, None):
+        with pytest.raises(ValueError, match=r"^layer must be an integer in 0\.\.2, got "):
+            config.check_layer(bad)
 
 
 def test_config_json_round_trip_is_read_by_transformers(tmp_path):
