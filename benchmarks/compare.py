@@ -89,8 +89,44 @@ def bench_forward_and_decode(ours, theirs, runs: int, new_tokens: int) -> list[t
                                           do_sample=False, pad_token_id=0),
     }, runs)
     ours_tps, theirs_tps = new_tokens / decode["ours"], new_tokens / decode["theirs"]
+    compiled = alternate({
+        "ours": lambda: ours.generate(short, max_new_tokens=new_tokens, eos_token_id=[], compile=True),
+        "theirs": lambda: theirs.generate(short, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                          do_sample=False, pad_token_id=0),
+    }, runs)
+    compiled_tps, theirs_again = new_tokens / compiled["ours"], new_tokens / compiled["theirs"]
     return [("prefill 512 tokens (s)", prefill["ours"], prefill["theirs"], prefill["theirs"] / prefill["ours"]),
-            (f"decode, greedy {new_tokens} new (tok/s)", ours_tps, theirs_tps, ours_tps / theirs_tps)]
+            (f"decode, greedy {new_tokens} new (tok/s)", ours_tps, theirs_tps, ours_tps / theirs_tps),
+            (f"decode, greedy {new_tokens} new, compile=True (tok/s)", compiled_tps, theirs_again,
+             compiled_tps / theirs_again),
+            *decode_ceilings(ours, theirs_tps, runs)]
+
+
+def decode_ceilings(ours, theirs_tps: float, runs: int) -> list[tuple]:
+    """What a decode step could reach if it did nothing but read the weights it multiplies.
+
+    Two floors: the step's matrix-vector products alone, run back to back in forward order; and the
+    bytes of those weights over the bandwidth of one matrix-vector product on a 512 MB matrix (no
+    cache holds it). The ratio column is each ceiling over transformers' decode tokens/s.
+    """
+    weights = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)]  # 7 per layer + lm_head
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+
+    def products_only():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    big = torch.randn(512 * 2**20 // 4 // 1024, 1024)
+    vector = torch.randn(1024)
+    with torch.no_grad():
+        products = alternate({"products": products_only}, runs)["products"]
+        seconds = alternate({"mv": lambda: torch.mv(big, vector)}, runs)["mv"]
+    bandwidth = big.numel() * big.element_size() / seconds  # bytes/s
+    step_bytes = sum(w.numel() * w.element_size() for w in weights)
+    return [("decode ceiling: the step's matrix-vector products alone (tok/s)", 1 / products, theirs_tps,
+             1 / products / theirs_tps),
+            (f"decode ceiling: {step_bytes / 2**20:.0f} MiB of weights at {bandwidth / 1e9:.1f} GB/s (tok/s)",
+             bandwidth / step_bytes, theirs_tps, bandwidth / step_bytes / theirs_tps)]
 
 
 def bench_hooks(ours, theirs_eager, runs: int, new_tokens: int) -> list[tuple]:
