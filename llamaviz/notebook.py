@@ -101,9 +101,7 @@ def _layer(model, layer: int) -> int:
 
 def _head(model, head: Head) -> Head:
     """Check a head index (or "mean") against the model."""
-    if head == "mean":
-        return head
-    return model.config.check_head(head)
+    return model.config.check_head(head, mean=True)
 
 
 def _resid_names(model) -> list[str]:

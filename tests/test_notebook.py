@@ -83,8 +83,8 @@ def test_enable_offline_inlines_plotlyjs_once_in_ipython(monkeypatch):
 
 @pytest.mark.parametrize("call, message", [
     (lambda: notebook.show_attention(TINY, None, PROMPT, 2), r"layer 2 is out of range: the model has 2 layers, 0\.\.1"),
-    (lambda: notebook.show_attention(TINY, None, PROMPT, 0, 3), r"head 3 is out of range: the model has 3 heads per layer, 0\.\.2"),
-    (lambda: notebook.show_attention(TINY, None, PROMPT, 0, "all"), r"head must be an integer in 0\.\.2, got 'all'"),
+    (lambda: notebook.show_attention(TINY, None, PROMPT, 0, 3), r"head 3 is out of range: the model has 3 heads per layer, 0\.\.2 \(or 'mean'\)"),
+    (lambda: notebook.show_attention(TINY, None, PROMPT, 0, "all"), r"head must be an integer in 0\.\.2 \(or 'mean'\), got 'all'"),
     (lambda: notebook.show_head_grid(TINY, None, PROMPT, -1), r"layer -1 is out of range"),
     (lambda: notebook.show_attention(TINY, None, "  ", 0), "text must be a non-empty string"),
     (lambda: notebook.show_tokens(TINY, None, PROMPT, top_k=0), "top_k must be a positive int"),

@@ -73,7 +73,7 @@ def check_layer_head(run: Run, layer, head) -> tuple[int, int | str]:
     """(layer, head or "mean") checked against the run's model; ValueError naming the valid range."""
     config = run.entry.config
     layer = config.check_layer(_slider_int(layer))
-    return layer, "mean" if head in (None, "mean", -1) else config.check_head(_slider_int(head))
+    return layer, config.check_head("mean" if head in (None, -1) else _slider_int(head), mean=True)
 
 
 def _slider_int(value):

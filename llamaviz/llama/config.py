@@ -76,9 +76,11 @@ class LlamaConfig:
         """`layer` as an int in 0..num_hidden_layers - 1; ValueError naming the valid range otherwise."""
         return _check_index(layer, "layer", self.num_hidden_layers, "layers")
 
-    def check_head(self, head) -> int:
-        """`head` as an int in 0..num_attention_heads - 1; ValueError naming the valid range otherwise."""
-        return _check_index(head, "head", self.num_attention_heads, "heads per layer")
+    def check_head(self, head, mean: bool = False) -> int | str:
+        """`head` as an int in 0..num_attention_heads - 1 (or "mean" when `mean`); ValueError naming the range."""
+        if mean and head == "mean":
+            return head
+        return _check_index(head, "head", self.num_attention_heads, "heads per layer", " (or 'mean')" if mean else "")
 
     # ----- config.json -----
 
@@ -135,16 +137,16 @@ class LlamaConfig:
         return target
 
 
-def _check_index(value, name: str, size: int, what: str) -> int:
+def _check_index(value, name: str, size: int, what: str, also: str = "") -> int:
     """`value` as an int in 0..size - 1 (ints, numpy and 0-d torch integers; not bools)."""
     try:
         index = None if isinstance(value, bool) else operator.index(value)
     except TypeError:
         index = None
     if index is None:
-        raise ValueError(f"{name} must be an integer in 0..{size - 1}, got {value!r}")
+        raise ValueError(f"{name} must be an integer in 0..{size - 1}{also}, got {value!r}")
     if not 0 <= index < size:
-        raise ValueError(f"{name} {index} is out of range: the model has {size} {what}, 0..{size - 1}")
+        raise ValueError(f"{name} {index} is out of range: the model has {size} {what}, 0..{size - 1}{also}")
     return index
 
 

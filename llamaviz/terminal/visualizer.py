@@ -108,7 +108,7 @@ class AttentionMaskVisualizer:
         if layer is None:
             raise ValueError(f"head= needs layer= as well (a layer in 0..{self.config.num_hidden_layers - 1})")
         layer = self.config.check_layer(layer)
-        return layer, "mean" if head is None or head == "mean" else self.config.check_head(head)
+        return layer, self.config.check_head("mean" if head is None else head, mean=True)
 
     @property
     def model(self):

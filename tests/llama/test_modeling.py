@@ -127,6 +127,11 @@ def test_layer_and_head_checks_accept_integers_and_name_the_range():
         config.check_layer(3)
     with pytest.raises(ValueError, match=r"^head -1 is out of range: the model has 4 heads per layer, 0\.\.3$"):
         config.check_head(-1)
+    assert config.check_head("mean", mean=True) == "mean"
+    with pytest.raises(ValueError, match=r"^head must be an integer in 0\.\.3 \(or 'mean'\), got 'max'$"):
+        config.check_head("max", mean=True)
+    with pytest.raises(ValueError, match=r"^head must be an integer in 0\.\.3, got 'mean'$"):
+        config.check_head("mean")
     for bad in (1.0, "1", True, None):
         with pytest.raises(ValueError, match=r"^layer must be an integer in 0\.\.2, got "):
             config.check_layer(bad)
