@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -15,21 +16,19 @@ from llamaviz.llama.activation_cache import ActivationCache
 ABLATION_MODES = ("zero", "mean")
 
 
-def _heads_by_layer(heads) -> dict[int, list[int]]:
-    """Accept [(layer, head), ...] or {layer: [heads]}; group heads by layer."""
+def _heads_by_layer(heads, layer_index=operator.index, head_index=operator.index) -> dict[int, list[int]]:
+    """Accept [(layer, head), ...] or {layer: [heads]}; group heads by layer, each index checked as it is read."""
     pairs = ([(layer, h) for layer, hs in heads.items() for h in hs] if isinstance(heads, Mapping)
              else list(heads))
     grouped: dict[int, list[int]] = {}
     for layer, head in pairs:
-        grouped.setdefault(int(layer), []).append(int(head))
+        grouped.setdefault(layer_index(layer), []).append(head_index(head))
     return grouped
 
 
 def check_heads(model, heads) -> dict[int, list[int]]:
     """Validated {layer: [heads]}; ValueError naming the range for an out-of-range layer or head."""
-    config = model.config
-    return {config.check_layer(layer): [config.check_head(h) for h in hs]
-            for layer, hs in _heads_by_layer(heads).items()}
+    return _heads_by_layer(heads, model.config.check_layer, model.config.check_head)
 
 
 def ablate_heads(heads, mode: str = "zero", model=None, mean_cache: ActivationCache | None = None):

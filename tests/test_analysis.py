@@ -47,5 +47,7 @@ def test_out_of_range_heads_and_unknown_modes_are_named():
         ablate_heads([(5, 0)], model=ours)
     with pytest.raises(ValueError, match=r"head 4 is out of range: the model has 4 heads per layer, 0\.\.3"):
         ablate_heads({1: [4]}, model=ours)
+    with pytest.raises(ValueError, match=r"layer must be an integer in 0\.\.2, got 1\.5"):
+        ablate_heads([(1.5, 0)], model=ours)  # not read as layer 1
     with pytest.raises(ValueError, match="ablation mode 'resample'"):
         ablate_heads([(0, 0)], mode="resample")
