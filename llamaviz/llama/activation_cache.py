@@ -9,37 +9,25 @@ from pathlib import Path
 
 import torch
 
+from .decomposition import DecompositionMixin
 from .hook_points import layer_of
+from .names import get_act_name
 
 MEMORY_BUDGET_FRACTION = 0.25  # of available RAM / GPU memory a capture may take by default
 
-# Short names for cache["pattern", L]: where each one lives under blocks.{L}.
-_SHORT_NAMES = {
-    **{n: "attn.hook_" + n for n in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z")},
-    "scores": "attn.hook_attn_scores",
-    **{n: "mlp.hook_" + n for n in ("pre", "pre_linear", "post")},
-    **{n: "hook_" + n for n in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")},
-}
 
 
-def hook_name(short: str, layer: int | None = None, sub: str | None = None) -> str:
+def hook_name(short: str, layer: int | None = None, sub: str | None = None, n_layers: int | None = None) -> str:
     """TransformerLens-style name from a short form: ("pattern", 3) -> "blocks.3.attn.hook_pattern"."""
-    if short in ("embed", "logits"):
-        return f"hook_{short}"
-    if short in ("ln_final", "normalized") and layer is None:
-        return "ln_final.hook_normalized"
-    if short == "normalized":
-        return f"blocks.{layer}.{sub or 'ln1'}.hook_normalized"
-    if short not in _SHORT_NAMES:
-        raise KeyError(f"unknown short activation name {short!r}; accepted: "
-                       f"{', '.join(sorted([*_SHORT_NAMES, 'embed', 'logits', 'normalized', 'ln_final']))}")
-    if layer is None:
-        raise KeyError(f"{short!r} needs a layer: cache[{short!r}, layer]")
-    return f"blocks.{layer}.{_SHORT_NAMES[short]}"
+    return get_act_name(short, layer, sub, n_layers=n_layers)
 
 
-class ActivationCache(Mapping):
-    """Activations by hook name. `cache["pattern", 3]` is `cache["blocks.3.attn.hook_pattern"]`."""
+class ActivationCache(DecompositionMixin, Mapping):
+    """Activations by hook name. `cache["pattern", 3]` is `cache["blocks.3.attn.hook_pattern"]`.
+
+    Keys may be TransformerLens short forms: `cache["attn", 3]`, `cache["scale", 2, "ln1"]`,
+    `cache["resid_post", -1]` (negative layers count from the end).
+    """
 
     def __init__(self, tensors: dict[str, torch.Tensor], model=None, tokens: torch.Tensor | None = None,
                  model_name: str = ""):
@@ -49,12 +37,25 @@ class ActivationCache(Mapping):
         self.model_name = model_name or getattr(model, "name_or_path", "") or ""
 
     def __getitem__(self, key) -> torch.Tensor:
-        name = hook_name(*key) if isinstance(key, tuple) else key
+        name = self.resolve_key(key)
         if name not in self._tensors:
             close = difflib.get_close_matches(name, list(self._tensors), n=5, cutoff=0.6)
             raise KeyError(f"{name!r} is not in this cache ({len(self._tensors)} names"
                            + (f"; closest: {', '.join(close)})" if close else ")"))
         return self._tensors[name]
+
+    def resolve_key(self, key) -> str:
+        """The hook name a key stands for: a full name, or a (short name, layer[, sublayer]) tuple."""
+        if isinstance(key, tuple):
+            layers = self.model.config.num_hidden_layers if self.model is not None else None
+            return get_act_name(*key, n_layers=layers)
+        return key if key in self._tensors else get_act_name(key)
+
+    def __contains__(self, key) -> bool:
+        try:
+            return self.resolve_key(key) in self._tensors
+        except KeyError:
+            return False
 
     def __iter__(self):
         return iter(self._tensors)
@@ -83,7 +84,11 @@ class ActivationCache(Mapping):
         path = Path(path)
         meta = {"model_name": self.model_name, "model_signature": model_signature(self.model),
                 "tokens": self.tokens.tolist() if self.tokens is not None else None}
-        tensors = {n: t.detach().contiguous().cpu() for n, t in self._tensors.items()}
+        tensors, seen = {}, set()
+        for n, t in self._tensors.items():  # one activation may be another's tensor (mlp_in is resid_mid)
+            t = t.detach().contiguous().cpu()
+            tensors[n] = t.clone() if t.data_ptr() in seen else t
+            seen.add(t.data_ptr())
         save_file(tensors, str(path), metadata={"llamaviz": json.dumps(meta)})
         return path
 
@@ -109,13 +114,6 @@ class ActivationCache(Mapping):
 
     # ----- analysis -----
 
-    def accumulated_resid(self) -> torch.Tensor:
-        """Residual stream before each layer and after the last: [layers + 1, b, p, m]."""
-        layers = self._num_layers()
-        stack = [self[f"blocks.{i}.hook_resid_pre"] for i in range(layers)]
-        stack.append(self[f"blocks.{layers - 1}.hook_resid_post"])
-        return torch.stack(stack)
-
     def logit_lens(self, top_k: int = 5, targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Each accumulated residual through the final norm and lm_head.
 
@@ -126,7 +124,7 @@ class ActivationCache(Mapping):
         norm, lm_head = model.model.norm, model.lm_head
         top_ids, top_probs, target_probs = [], [], []
         with torch.no_grad():
-            for resid in self.accumulated_resid():
+            for resid in self.accumulated_resid(layer=-1):
                 probs = torch.softmax(lm_head(norm(resid.to(model.device, model.dtype))).float(), dim=-1)  # [b, p, v]
                 values, ids = probs.topk(top_k, dim=-1)
                 top_ids.append(ids)

@@ -72,6 +72,7 @@ class LlamaAttention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [b, h, p, k] scaled, masked, before softmax
         self.hook_pattern = HookPoint()  # [b, h, p, k] softmax probabilities
         self.hook_z = HookPoint()  # [b, p, h, d] per-head output before o_proj
+        self.hook_result = HookPoint()  # [b, p, h, m] each head's output in the residual stream; only when hooked
 
     def needs_pattern(self, output_attentions: bool) -> bool:
         return (output_attentions or self.attn_implementation == "eager"
@@ -98,4 +99,13 @@ class LlamaAttention(nn.Module):
         else:
             z, pattern = sdpa_attention(q, k, v, mask, self.scale), None
         z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d]
+        if self.hook_result.active:
+            return self.head_results(z), pattern
         return self.o_proj(z.reshape(b, p, self.num_heads * self.head_dim)), pattern
+
+    def head_results(self, z: torch.Tensor) -> torch.Tensor:
+        """o_proj written per head: z [b, p, h, d] -> hook_result [b, p, h, m], summed to [b, p, m] (+ bias once)."""
+        w_o = self.o_proj.weight.view(-1, self.num_heads, self.head_dim)  # [m, h, d]
+        result = self.hook_result(torch.einsum("bphd,mhd->bphm", z, w_o.to(z.dtype)))  # [b, p, h, m]
+        out = result.sum(dim=2)
+        return out + self.o_proj.bias if self.o_proj.bias is not None else out

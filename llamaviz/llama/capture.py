@@ -20,7 +20,7 @@ def activation_numel(name: str, config, batch: int, positions: int, key_position
         "hook_k": g * d, "hook_rot_k": g * d, "hook_v": g * d,
         "hook_pre": config.intermediate_size, "hook_pre_linear": config.intermediate_size,
         "hook_post": config.intermediate_size if ".mlp." in name else config.hidden_size,
-        "hook_logits": config.vocab_size,
+        "hook_logits": config.vocab_size, "hook_result": h * config.hidden_size, "hook_scale": 1,
     }.get(suffix, config.hidden_size)
     return batch * positions * per_position
 
@@ -59,11 +59,22 @@ def check_memory(model, names: list[str], batch: int, positions: int, key_positi
 class CachingMixin:
     """Adds run_with_cache to a HookedRootModule."""
 
-    def run_with_cache(self, input_ids: torch.Tensor, names_filter=None, device=None,
-                       memory_budget: int | None = None, **forward_kwargs):
-        """One forward that records the named activations: (logits or last hidden state, ActivationCache)."""
+    def run_with_cache(self, input_ids, names_filter=None, device=None, memory_budget: int | None = None,
+                       remove_batch_dim: bool = False, **forward_kwargs):
+        """One forward that records the named activations: (logits or last hidden state, ActivationCache).
+
+        On a causal LM the first item follows forward's return_type ("logits" by default, TransformerLens);
+        text is tokenized by to_tokens; remove_batch_dim drops a batch axis of size 1 from every activation.
+        """
+        if hasattr(self, "text_input"):
+            input_ids, mask = self.text_input(input_ids, forward_kwargs.pop("attention_mask", None),
+                                              forward_kwargs.pop("prepend_bos", None),
+                                              forward_kwargs.pop("padding_side", None))
+            forward_kwargs["attention_mask"] = mask
         names = self.resolve_hook_names(names_filter)
         batch, positions = input_ids.shape[:2]
+        if remove_batch_dim and batch != 1:
+            raise ValueError(f"remove_batch_dim=True needs a batch of one, got {batch}")
         past = forward_kwargs.get("past_key_values")
         key_positions = positions + (past.get_seq_length() if past is not None else 0)
         check_memory(self, names, batch, positions, key_positions, self.dtype, memory_budget, device)
@@ -72,7 +83,12 @@ class CachingMixin:
         def record(x: torch.Tensor, hook) -> None:
             store[hook.name] = x.detach() if device is None else x.detach().to(device)
 
+        if self.tl_return_type is not None:
+            forward_kwargs.setdefault("return_type", self.tl_return_type)
         with self.hooks(fwd_hooks=[(name, record) for name in names]):
             out = self(input_ids, **forward_kwargs)
-        primary = out.logits if getattr(out, "logits", None) is not None else out[0]
-        return primary, ActivationCache(store, model=self, tokens=input_ids.detach().cpu())
+        tokens = input_ids.detach().cpu() if not input_ids.is_floating_point() else None
+        cache = ActivationCache(store, model=self, tokens=tokens)
+        if self.tl_return_type is None:
+            out = out.logits if getattr(out, "logits", None) is not None else out[0]
+        return out, cache.remove_batch_dim() if remove_batch_dim else cache

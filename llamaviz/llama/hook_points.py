@@ -58,6 +58,29 @@ class HookPoint(nn.Module):
                 grad = out
         return grad
 
+    def add_hook(self, fn: HookFn, dir: str = "fwd", prepend: bool = False) -> None:
+        """Attach `fn` until `remove_hooks()` / `model.reset_hooks()` (TransformerLens' permanent hook)."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"hook direction {dir!r} is not supported; accepted: 'fwd', 'bwd'")
+        fns = self.fwd_fns if dir == "fwd" else self.bwd_fns
+        fns.insert(0, fn) if prepend else fns.append(fn)
+
+    def remove_hooks(self, dir: str = "both") -> None:
+        """Detach this point's hooks: "fwd", "bwd" or "both"."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"hook direction {dir!r} is not supported; accepted: 'fwd', 'bwd', 'both'")
+        if dir in ("fwd", "both"):
+            self.fwd_fns.clear()
+        if dir in ("bwd", "both"):
+            self.bwd_fns.clear()
+
+    def layer(self) -> int:
+        """The block index in this point's name ('blocks.3.attn.hook_z' -> 3); ValueError for model-level points."""
+        index = layer_of(self.name)
+        if index is None:
+            raise ValueError(f"hook point {self.name!r} belongs to no layer")
+        return index
+
     def extra_repr(self) -> str:
         return self.name
 
@@ -80,8 +103,8 @@ class HookedRootModule(nn.Module):
 
     def resolve_hook_names(self, names: NameOrPredicate | Iterable[str] | None) -> list[str]:
         """Names selected by a name, a list of names, a predicate, or None (all); unknown names raise."""
-        if names is None:
-            return list(self._hook_dict)
+        if names is None:  # every point but per-head results, which (as in TransformerLens) must be asked for
+            return [n for n in self._hook_dict if not n.endswith("attn.hook_result")]
         if callable(names):
             selected = [n for n in self._hook_dict if names(n)]
             if not selected:
@@ -119,16 +142,32 @@ class HookedRootModule(nn.Module):
             for fns, fn in reversed(attached):
                 fns.remove(fn)
 
-    def reset_hooks(self) -> None:
-        """Remove every hook from every hook point."""
+    def reset_hooks(self, including_permanent: bool = True) -> None:
+        """Remove every hook from every hook point (temporary hooks are removed on their block's exit anyway)."""
         for point in self._hook_dict.values():
-            point.fwd_fns.clear()
-            point.bwd_fns.clear()
+            point.remove_hooks()
 
-    def run_with_hooks(self, input_ids: torch.Tensor, fwd_hooks=(), bwd_hooks=(), **forward_kwargs):
-        """One forward with temporary hooks; returns what forward returns."""
+    def add_hook(self, name: NameOrPredicate, fn: HookFn, dir: str = "fwd") -> None:
+        """Attach `fn` to every point `name` selects, until reset_hooks()."""
+        for selected in self.resolve_hook_names(name):
+            self._hook_dict[selected].add_hook(fn, dir=dir)
+
+    tl_return_type: str | None = None  # set by models with TransformerLens' forward: what run_with_* return
+
+    def run_with_hooks(self, input, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, **forward_kwargs):
+        """One forward with hooks; the logits on a causal LM (TransformerLens), else what forward returns.
+
+        reset_hooks_end=False keeps the hooks attached afterwards (until reset_hooks()), as TransformerLens does.
+        """
+        if self.tl_return_type is not None:
+            forward_kwargs.setdefault("return_type", self.tl_return_type)
+        if not reset_hooks_end:
+            for pairs, direction in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd")):
+                for selector, fn in pairs:
+                    self.add_hook(selector, fn, dir=direction)
+            return self(input, **forward_kwargs)
         with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
-            return self(input_ids, **forward_kwargs)
+            return self(input, **forward_kwargs)
 
 
 def layer_of(name: str) -> int | None:

@@ -16,6 +16,7 @@ from .capture import CachingMixin
 from .attention import LlamaAttention
 from .cache import DynamicCache
 from .config import LlamaConfig
+from .conveniences import TransformerLensMixin
 from .hook_points import HookedRootModule, HookPoint
 from .masks import attend_somewhere, build_mask
 from .outputs import BaseModelOutput, CausalLMOutput
@@ -23,19 +24,32 @@ from .quantize import check_quantization, quantize_model
 from .rope import RotaryEmbedding, rotary_embedding
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+RETURN_TYPES = ("logits", "loss", "both", None)
+HF_OUTPUT = "output"  # forward's default return_type: transformers' CausalLMOutput
 
 
 class LlamaRMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32; hook_normalized sees x / rms(x) before the weight."""
+    """x / rms(x) * weight, computed in float32.
+
+    hook_scale sees rms(x) = sqrt(mean(x^2) + eps) [b, p, 1] (TransformerLens' convention: the
+    normalized stream is x / scale, so a cached scale can be frozen and reapplied to any stack of
+    residual components); hook_normalized sees x / rms(x) before the weight.
+    """
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.hook_scale = HookPoint()  # [b, p, 1] rms(x)
         self.hook_normalized = HookPoint()  # [b, p, m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normalized = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)  # x * rsqrt(mean(x^2) + eps)
+        if self.hook_scale.active:  # written out, so a hook can read or replace the scale
+            x32 = x.float()
+            scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())  # [b, p, 1]
+            normalized = (x32 / scale.float()).to(x.dtype)
+        else:
+            normalized = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)  # x * rsqrt(mean(x^2) + eps)
         return self.weight * self.hook_normalized(normalized)
 
 
@@ -68,6 +82,7 @@ class LlamaDecoderLayer(nn.Module):
         self.hook_resid_pre = HookPoint()  # [b, p, m]
         self.hook_attn_out = HookPoint()  # [b, p, m]
         self.hook_resid_mid = HookPoint()  # [b, p, m]
+        self.hook_mlp_in = HookPoint()  # [b, p, m] the residual stream entering ln2 and the MLP
         self.hook_mlp_out = HookPoint()  # [b, p, m]
         self.hook_resid_post = HookPoint()  # [b, p, m]
 
@@ -77,7 +92,8 @@ class LlamaDecoderLayer(nn.Module):
         attn_out, pattern = self.self_attn(self.input_layernorm(resid_pre), cos, sin, mask, cache,
                                            output_attentions, causal_mask)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
-        mlp_out = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(resid_mid)))
+        mlp_in = self.hook_mlp_in(resid_mid)
+        mlp_out = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(mlp_in)))
         return self.hook_resid_post(resid_mid + mlp_out), pattern
 
 
@@ -173,11 +189,14 @@ class LlamaModel(LlamaPreTrainedModel):
             attn, mlp = layer.self_attn, layer.mlp
             names.update({
                 f"blocks.{i}.hook_resid_pre": layer.hook_resid_pre,
+                f"blocks.{i}.ln1.hook_scale": layer.input_layernorm.hook_scale,
                 f"blocks.{i}.ln1.hook_normalized": layer.input_layernorm.hook_normalized,
                 **{f"blocks.{i}.attn.hook_{n}": getattr(attn, f"hook_{n}")
-                   for n in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z")},
+                   for n in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result")},
                 f"blocks.{i}.hook_attn_out": layer.hook_attn_out,
                 f"blocks.{i}.hook_resid_mid": layer.hook_resid_mid,
+                f"blocks.{i}.hook_mlp_in": layer.hook_mlp_in,
+                f"blocks.{i}.ln2.hook_scale": layer.post_attention_layernorm.hook_scale,
                 f"blocks.{i}.ln2.hook_normalized": layer.post_attention_layernorm.hook_normalized,
                 f"blocks.{i}.mlp.hook_pre": mlp.hook_pre,
                 f"blocks.{i}.mlp.hook_pre_linear": mlp.hook_pre_linear,
@@ -185,13 +204,23 @@ class LlamaModel(LlamaPreTrainedModel):
                 f"blocks.{i}.hook_mlp_out": layer.hook_mlp_out,
                 f"blocks.{i}.hook_resid_post": layer.hook_resid_post,
             })
+        names["ln_final.hook_scale"] = self.norm.hook_scale
         names["ln_final.hook_normalized"] = self.norm.hook_normalized
         return names
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, output_attentions=False, output_hidden_states=False, inputs_embeds=None,
-                **unused) -> BaseModelOutput:
-        x = self.hook_embed(self.embed(input_ids, inputs_embeds))  # [b, p, m]
+                start_at_layer: int | None = None, stop_at_layer: int | None = None) -> BaseModelOutput:
+        """Embed (or, with start_at_layer, take the residual stream [b, p, m] as input), run the layers, norm.
+
+        stop_at_layer=L returns the residual stream entering layer L un-normed (TransformerLens' semantics:
+        exclusive, negative counts from the end).
+        """
+        start, stop = self.layer_range(start_at_layer, stop_at_layer)
+        if start_at_layer is None:
+            x = self.hook_embed(self.embed(input_ids, inputs_embeds))  # [b, p, m]
+        else:
+            x = self._residual_input(input_ids if input_ids is not None else inputs_embeds)
         b, p = x.shape[:2]
         cache = past_key_values if past_key_values is not None else (DynamicCache() if use_cache else None)
         past = cache.get_seq_length() if cache is not None else 0
@@ -201,18 +230,44 @@ class LlamaModel(LlamaPreTrainedModel):
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # [b, p, d] each
         mask, causal_mask = self._attention_mask(attention_mask, p, past, cache, x.device)
         hidden, attentions = [], []
-        for layer in self.layers:
+        for layer in self.layers[start:stop]:
             if output_hidden_states:
                 hidden.append(x)
             x, pattern = layer(x, cos, sin, mask, cache, output_attentions, causal_mask)
             if output_attentions:
                 attentions.append(pattern)
-        x = self.norm(x)
+        if stop_at_layer is None:
+            x = self.norm(x)
         if output_hidden_states:
             hidden.append(x)
         return BaseModelOutput(last_hidden_state=x, past_key_values=cache if use_cache or past_key_values else None,
                                hidden_states=tuple(hidden) if output_hidden_states else None,
                                attentions=tuple(attentions) if output_attentions else None)
+
+    def layer_range(self, start_at_layer: int | None, stop_at_layer: int | None) -> tuple[int, int]:
+        """(start, stop) block indices from TransformerLens' start_at_layer / stop_at_layer (negatives count back)."""
+        layers = self.config.num_hidden_layers
+        bounds = []
+        for name, value, default in (("start_at_layer", start_at_layer, 0), ("stop_at_layer", stop_at_layer, layers)):
+            if value is None:
+                bounds.append(default)
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not -layers <= value <= layers:
+                raise ValueError(f"{name}={value!r} is out of range for a model of {layers} layers; "
+                                 f"accepted: an integer from {-layers} to {layers}")
+            bounds.append(value + layers if value < 0 else value)
+        if bounds[0] > bounds[1]:
+            raise ValueError(f"start_at_layer ({start_at_layer}) comes after stop_at_layer ({stop_at_layer})")
+        return bounds[0], bounds[1]
+
+    def _residual_input(self, resid) -> torch.Tensor:
+        m = self.config.hidden_size
+        if not isinstance(resid, torch.Tensor) or not resid.is_floating_point() or resid.dim() != 3 \
+                or resid.shape[-1] != m:
+            got = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
+            raise ValueError(f"with start_at_layer the input is the residual stream, a float tensor "
+                             f"[batch, positions, {m}]; got {got}")
+        return resid
 
     def embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
@@ -247,8 +302,14 @@ class LlamaModel(LlamaPreTrainedModel):
         return (None if plain else explicit()), explicit
 
 
-class LlamaForCausalLM(LlamaPreTrainedModel):
-    """LlamaModel + lm_head: next-token logits [b, p, v] and the language-modelling loss."""
+class LlamaForCausalLM(TransformerLensMixin, LlamaPreTrainedModel):
+    """LlamaModel + lm_head: next-token logits [b, p, v] and the language-modelling loss.
+
+    Also TransformerLens' model API: to_tokens / to_str_tokens / W_Q ... (llama.conveniences),
+    return_type / start_at_layer / stop_at_layer on forward, logits from run_with_hooks.
+    """
+
+    tl_return_type = "logits"
 
     def __init__(self, config: LlamaConfig, attn_implementation: str = "sdpa"):
         super().__init__()
@@ -269,14 +330,31 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, output_attentions=False, output_hidden_states=False, labels=None,
-                inputs_embeds=None, logits_to_keep: int = 0, **unused) -> CausalLMOutput:
+                inputs_embeds=None, logits_to_keep: int = 0, return_dict: bool | None = None, *,
+                return_type: str | None = HF_OUTPUT, loss_per_token: bool = False,
+                start_at_layer: int | None = None, stop_at_layer: int | None = None, tokens=None,
+                prepend_bos: bool | None = None, padding_side: str | None = None):
+        """transformers' forward (a CausalLMOutput), or TransformerLens' when return_type is given.
+
+        input_ids may be text or a list of texts (tokenized by to_tokens). return_type="logits" |
+        "loss" | "both" | None returns the logits [b, p, v], the next-token loss (per token with
+        loss_per_token), both, or nothing; stop_at_layer returns the residual stream [b, p, m].
+        """
+        return_type = check_return_type(return_type)
+        input_ids, attention_mask = self.text_input(input_ids, attention_mask, prepend_bos, padding_side)
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache,
-                         output_attentions, output_hidden_states, inputs_embeds)
+                         output_attentions, output_hidden_states, inputs_embeds, start_at_layer, stop_at_layer)
+        if stop_at_layer is not None:
+            return out.last_hidden_state  # the residual stream entering layer stop_at_layer
         x = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
         logits = self.hook_logits(self.lm_head(x))  # [b, p, v]
+        if return_type != HF_OUTPUT:
+            tokens = tokens if tokens is not None else (input_ids if start_at_layer is None else None)
+            return tl_output(logits, return_type, tokens, attention_mask, loss_per_token)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                              hidden_states=out.hidden_states, attentions=out.attentions)
+        output = CausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                hidden_states=out.hidden_states, attentions=out.attentions)
+        return output.to_tuple() if return_dict is False else output
 
     def generate(self, input_ids=None, **kwargs):
         """Greedy or sampled continuation with a KV cache; see llamaviz.generation.generate."""
@@ -289,6 +367,39 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         from llamaviz.generation import generate_with_cache
 
         return generate_with_cache(self, input_ids, **kwargs)
+
+
+def check_return_type(return_type):
+    if return_type != HF_OUTPUT and return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type {return_type!r} is not supported; accepted: "
+                         f"{', '.join(repr(r) for r in RETURN_TYPES)} (or leave it out for a CausalLMOutput)")
+    return return_type
+
+
+def tl_output(logits, return_type, tokens, attention_mask, loss_per_token):
+    """What a TransformerLens forward returns for `return_type`."""
+    if return_type == "logits":
+        return logits
+    if return_type is None:
+        return None
+    if tokens is None:
+        raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens= for the loss")
+    loss = next_token_loss(logits, tokens, attention_mask, loss_per_token)
+    return loss if return_type == "loss" else (logits, loss)
+
+
+def next_token_loss(logits, tokens, attention_mask=None, per_token: bool = False) -> torch.Tensor:
+    """TransformerLens' loss: -log p(tokens[i + 1]) at each position i; [b, p - 1] per token, else the mean."""
+    if tokens.shape[1] < 2:
+        raise ValueError("the next-token loss needs at least two tokens")
+    log_probs = logits[:, :-1].float().log_softmax(dim=-1)
+    losses = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]  # [b, p - 1]
+    if per_token:
+        return losses
+    if attention_mask is None:
+        return losses.mean()
+    counted = attention_mask[:, 1:].to(losses.device, losses.dtype)  # a target that is padding is not counted
+    return (losses * counted).sum() / counted.sum()
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ EXPECTED_SHAPES = {  # b=2, p=9, h=4, g=2, d=16, m=64, f=96, v=113
     "blocks.1.mlp.hook_pre_linear": (2, 9, 96), "blocks.1.mlp.hook_post": (2, 9, 96),
     "blocks.1.hook_mlp_out": (2, 9, 64), "blocks.1.hook_resid_post": (2, 9, 64),
     "ln_final.hook_normalized": (2, 9, 64), "hook_logits": (2, 9, 113),
+    "blocks.1.ln1.hook_scale": (2, 9, 1), "blocks.1.ln2.hook_scale": (2, 9, 1), "ln_final.hook_scale": (2, 9, 1),
+    "blocks.1.hook_mlp_in": (2, 9, 64), "blocks.1.attn.hook_result": (2, 9, 4, 64),
 }
 
 
@@ -31,9 +33,11 @@ def ids():
 
 def test_every_design_hook_exists_with_its_shape(pair, ids):
     _, ours = pair
-    assert len(ours.hook_points()) == 3 + 3 * 18
-    logits, cache = ours.run_with_cache(ids)
+    assert len(ours.hook_points()) == 4 + 3 * 22
+    logits, cache = ours.run_with_cache(ids, names_filter=lambda name: True)
     assert set(cache) == set(ours.hook_points())
+    _, default = ours.run_with_cache(ids)  # per-head results only when asked for, as in TransformerLens
+    assert set(default) == {n for n in ours.hook_points() if not n.endswith("hook_result")}
     for name, shape in EXPECTED_SHAPES.items():
         assert tuple(cache[name].shape) == shape, name
     assert_close(cache["hook_logits"], logits)
@@ -90,7 +94,7 @@ def test_zero_ablating_a_head_matches_transformers_with_o_proj_columns_zeroed(pa
     hf, ours = pair
     layer, head, d = 1, 2, 16
     with torch.no_grad():
-        ablated = ours.run_with_hooks(ids, fwd_hooks=ablate_heads([(layer, head)], model=ours)).logits
+        ablated = ours.run_with_hooks(ids, fwd_hooks=ablate_heads([(layer, head)], model=ours))
         weight = hf.model.layers[layer].self_attn.o_proj.weight
         saved = weight[:, head * d:(head + 1) * d].clone()
         weight[:, head * d:(head + 1) * d] = 0
@@ -108,7 +112,7 @@ def test_mean_ablation_patching_and_steering(pair, ids):
     _, ours = pair
     _, clean = ours.run_with_cache(ids[:1])
     other = torch.randint(3, 113, (1, 9), generator=torch.Generator().manual_seed(5))
-    patched = ours.run_with_hooks(other, fwd_hooks=patch_activation("blocks.0.hook_resid_pre", clean)).logits
+    patched = ours.run_with_hooks(other, fwd_hooks=patch_activation("blocks.0.hook_resid_pre", clean))
     assert_close(patched, ours(ids[:1]).logits, atol=1e-5, rtol=0)
     with ours.hooks(fwd_hooks=patch_activation("blocks.2.hook_resid_post", clean, positions=[8])):
         partial = ours(other).logits
@@ -144,7 +148,7 @@ def test_gradients_reach_hook_embed_through_backward_hooks(pair, ids):
     _, ours = pair
     grads = {}
     out = ours.run_with_hooks(ids, bwd_hooks=[("hook_embed", lambda g, hook: grads.setdefault(hook.name, g))])
-    out.logits[0, -1, 5].backward()
+    out[0, -1, 5].backward()
     assert grads["hook_embed"].shape == (2, 9, 64) and grads["hook_embed"][0].abs().sum() > 0
     assert grads["hook_embed"][1].abs().sum() == 0
     ours.zero_grad()
