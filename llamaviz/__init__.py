@@ -21,12 +21,19 @@ _LAZY = {
     "TextStreamer": "llamaviz.streamers",
     "TextIteratorStreamer": "llamaviz.streamers",
     "default_model_path": "llamaviz.checkpoints.default",
+    "get_act_name": "llamaviz.llama.names",
+    "FactoredMatrix": "llamaviz.llama.factored_matrix",
+    "test_prompt": "llamaviz.utils",
 }
+# Submodules reachable as attributes (llamaviz.patching.get_act_patch_resid_pre) without an import line.
+_MODULES = ("analysis", "attribution", "flow", "interventions", "notebook", "patching", "plots", "utils")
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(f"llamaviz.{name}")
     raise AttributeError(f"module 'llamaviz' has no attribute {name!r}")
 
 
@@ -39,7 +46,8 @@ def load(path=None, dtype=None, device=None, attn_implementation: str = "sdpa", 
     path = default_model_path() if path is None else path
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, device=device,
                                              attn_implementation=attn_implementation, **kwargs)
-    return model, AutoTokenizer.from_pretrained(path)
+    model.tokenizer = AutoTokenizer.from_pretrained(path)  # to_tokens / to_str_tokens use it
+    return model, model.tokenizer
 
 
 __all__ = ["load", *_LAZY]

@@ -170,6 +170,19 @@ class HookedRootModule(nn.Module):
             return self(input, **forward_kwargs)
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """No parameter gradients inside the block (attribution needs only the activations'); flags restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def layer_of(name: str) -> int | None:
     """The block index in a hook name ('blocks.3.attn.hook_z' -> 3), or None for model-level hooks."""
     match = re.match(r"blocks\.(\d+)\.", name)

@@ -356,11 +356,26 @@ class LlamaForCausalLM(TransformerLensMixin, LlamaPreTrainedModel):
                                 hidden_states=out.hidden_states, attentions=out.attentions)
         return output.to_tuple() if return_dict is False else output
 
-    def generate(self, input_ids=None, **kwargs):
-        """Greedy or sampled continuation with a KV cache; see llamaviz.generation.generate."""
+    def generate(self, input_ids=None, prepend_bos: bool | None = None, padding_side: str | None = None,
+                 stop_at_eos: bool = True, verbose: bool = False, **kwargs):
+        """Greedy or sampled continuation with a KV cache; see llamaviz.generation.generate.
+
+        Text in, text out (prompt + continuation), as TransformerLens' generate; ids in, ids out.
+        stop_at_eos=False keeps going past the end-of-sequence token. Sampling stays opt-in
+        (do_sample=True), as in transformers.
+        """
         from llamaviz.generation import generate  # decoding loops live outside the model package
 
-        return generate(self, input_ids, **kwargs)
+        text = isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and bool(input_ids)
+                                              and all(isinstance(t, str) for t in input_ids))
+        input_ids, mask = self.text_input(input_ids, kwargs.pop("attention_mask", None), prepend_bos, padding_side)
+        if not stop_at_eos:
+            kwargs["eos_token_id"] = []
+        out = generate(self, input_ids, attention_mask=mask, **kwargs)
+        if not text:
+            return out
+        decoded = self.to_string(out)
+        return decoded[0] if isinstance(decoded, list) and len(decoded) == 1 else decoded
 
     def generate_with_cache(self, input_ids=None, **kwargs):
         """generate() that also returns an ActivationCache of the whole sequence."""

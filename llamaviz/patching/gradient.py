@@ -8,10 +8,9 @@ estimated changes of the metric (exact sweep minus the unpatched corrupted metri
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from llamaviz.llama.hook_points import frozen_parameters
 from llamaviz.llama.names import get_act_name
 
 from .kinds import KINDS
@@ -75,25 +74,12 @@ def _corrupted_grads(model, tokens, metric, names: list[str]):
         x.retain_grad()
         acts[hook.name] = x
 
-    with _frozen_parameters(model), torch.enable_grad():
+    with frozen_parameters(model), torch.enable_grad():
         hooks = [("hook_embed", leaf)] + [(name, keep) for name in names]
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
         check_scalar(metric(logits)).backward()
     grads = {name: (x.grad if x.grad is not None else torch.zeros_like(x)) for name, x in acts.items()}
     return {name: x.detach() for name, x in acts.items()}, grads
-
-
-@contextlib.contextmanager
-def _frozen_parameters(model):
-    """No parameter gradients during attribution (only activations' are needed); restored after."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _reduce(spec, contribution: torch.Tensor) -> torch.Tensor:
