@@ -4,7 +4,9 @@ Every stack is [components, b, p, m] (or [components, b, m] when pos_slice is an
 add up: embed + every attn_out + every mlp_out is the last resid_post, and the heads' results plus
 the o_proj biases are the attention outputs. `apply_ln_to_stack` divides by a cached RMSNorm scale
 (`*.hook_scale`, the rms the model computed), TransformerLens' frozen-scale convention, so that
-each component is put through the norm exactly as the model's whole residual was.
+each component is put through the norm exactly as the model's whole residual was; the one
+exception, as in TransformerLens 4, is `accumulated_resid(apply_ln=True)` up to the final layer,
+which puts each state through the final norm afresh (the logit lens).
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ class DecompositionMixin:
                 parts.append(self[f"blocks.{i}.hook_resid_mid"])
                 labels.append(f"{i}_mid")
         stack = torch.stack([pos_slice.apply(part, dim=-2) for part in parts])
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        if apply_ln:  # at the final layer each state goes through the final norm itself (TransformerLens 4)
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice,
+                                           recompute_ln=layer == layers)
         return (stack, labels) if return_labels else stack
 
     def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
@@ -215,13 +218,23 @@ class DecompositionMixin:
         return total
 
     def apply_ln_to_stack(self, residual_stack: torch.Tensor, layer: int | None = None, mlp_input: bool = False,
-                          pos_slice=None, batch_slice=None, has_batch_dim: bool = True) -> torch.Tensor:
-        """Divide each component by the scale the norm before `layer` computed (the final norm for None/-1)."""
+                          pos_slice=None, batch_slice=None, has_batch_dim: bool = True,
+                          recompute_ln: bool = False) -> torch.Tensor:
+        """Divide each component by the scale the norm before `layer` computed (the final norm for None/-1).
+
+        recompute_ln=True (final norm only) instead puts each component through the final norm itself,
+        its own rms and the norm's weight: the logit lens's view (accumulated_resid(apply_ln=True) uses it).
+        """
         layers, pos_slice, batch_slice = self._layers(), Slice(pos_slice), Slice(batch_slice)
-        if layer is None or layer == -1 or layer == layers:
-            name = "ln_final.hook_scale"
-        else:
-            name = f"blocks.{_full(layer, layers)}.ln{2 if mlp_input else 1}.hook_scale"
+        final = layer is None or layer == -1 or layer == layers
+        if has_batch_dim:
+            residual_stack = batch_slice.apply(residual_stack, dim=1)
+        if recompute_ln and final:
+            norm = self._require_model("apply_ln_to_stack").model.norm
+            x = residual_stack.float()
+            rms = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+            return (x / rms * norm.weight.detach().float().to(x.device)).to(residual_stack.dtype)
+        name = "ln_final.hook_scale" if final else f"blocks.{_full(layer, layers)}.ln{2 if mlp_input else 1}.hook_scale"
         if name not in self._tensors:
             raise KeyError(f"apply_ln needs {name!r} in the cache: run_with_cache with that hook point "
                            "(names_filter including it, or no names_filter)")
