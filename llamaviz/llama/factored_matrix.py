@@ -74,12 +74,12 @@ class FactoredMatrix:
         if isinstance(other, FactoredMatrix):
             return FactoredMatrix(self.A, (self.B @ other.A) @ other.B)
         if other.dim() == 1:  # a vector: the factorisation collapses
-            return self.A @ (self.B @ other)
+            return (self.A @ (self.B @ other)[..., None])[..., 0]
         return FactoredMatrix(self.A, self.B @ other)
 
     def __rmatmul__(self, other):
         if other.dim() == 1:
-            return (other @ self.A) @ self.B
+            return ((other @ self.A)[..., None, :] @ self.B)[..., 0, :]
         return FactoredMatrix(other @ self.A, self.B)
 
     def __mul__(self, scalar) -> "FactoredMatrix":
