@@ -43,3 +43,18 @@ def pytest_configure(config):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent / "llama"))  # tiny random configs for every test folder
+    sys.path.insert(0, str(Path(__file__).parent))  # tl_reference for every test folder
+
+
+@pytest.fixture(scope="session")
+def default_with_reference(default_gguf):
+    """(ours, tokenizer, transformers model, TransformerLens bridge over it) for the default model."""
+    import transformers
+
+    import llamaviz
+    from tl_reference import bridge
+
+    ours, tok = llamaviz.load(default_gguf)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name,
+                                                           dtype=torch.float32).eval()
+    return ours, tok, hf, bridge(hf)

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 import llamaviz
 from tiny import hf_and_ours
-from tl_reference import bridge, gguf_tokenizer
+from tl_reference import bridge
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +133,8 @@ def test_frozen_scale_hook_reproduces_the_norm(setup):
 
 
 @pytest.mark.slow
-def test_tokens_on_the_default_model_match_transformer_lens(default_gguf, capsys):
-    import transformers
-
-    model, tok = llamaviz.load(default_gguf)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name,
-                                                           dtype=torch.float32)
-    tl = bridge(hf)
+def test_tokens_on_the_default_model_match_transformer_lens(default_with_reference, capsys):
+    model, tok, _, tl = default_with_reference
     prompts = ["When John and Mary went to the shops, John gave the bag to", "Hi there"]
     for prepend_bos in (True, False):
         assert model.to_tokens(prompts[0], prepend_bos=prepend_bos).tolist() == \
