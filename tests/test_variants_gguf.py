@@ -154,7 +154,7 @@ def gguf_tokenizer_fields(tokenizer) -> dict:
 def test_qwen2_tokenizer_from_tokenizer_json_and_from_gguf_metadata_match_transformers(tmp_path):
     folder = tmp_path / "qwen2"
     tokenizer = train_tokenizer(folder)
-    hf, _ = hf_and_ours("qwen2")
+    hf, _ = hf_and_ours("qwen2", vocab_size=tokenizer.get_vocab_size())
     hf.save_pretrained(folder)  # a complete HF folder: weights, config, tokenizer
     path = write_gguf(tmp_path / "qwen2.gguf", hf, "qwen2", tokenizer_fields=gguf_tokenizer_fields(tokenizer))
     reference = transformers.AutoTokenizer.from_pretrained(folder)
@@ -163,6 +163,10 @@ def test_qwen2_tokenizer_from_tokenizer_json_and_from_gguf_metadata_match_transf
     for source in (folder, path):
         model, ours = llamaviz.load(source)
         assert isinstance(model, llamaviz.Qwen2ForCausalLM)
+        prompt = reference.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+        assert torch.equal(model.generate(torch.tensor([prompt]), max_new_tokens=5, eos_token_id=[]),
+                           hf.generate(torch.tensor([prompt]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                       pad_token_id=0, eos_token_id=None))
         for text in [*TEXTS, "<|im_start|>user\nhi<|im_end|>"]:
             assert ours(text)["input_ids"] == reference(text)["input_ids"], (source, text)
             assert ours.decode(ours(text)["input_ids"]) == text

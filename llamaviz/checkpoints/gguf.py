@@ -197,8 +197,9 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names=(), rope_freqs: torc
         raise ValueError(f"GGUF architecture {arch!r} is not supported; accepted: "
                          f"{', '.join(map(repr, GGUF_ARCHITECTURES))} (Mistral files say 'llama')")
     if metadata.get(f"{arch}.expert_count", 0) > 0:
-        raise ValueError(f"this GGUF is a mixture of experts ({arch}.expert_count = {metadata[f'{arch}.expert_count']}, "
-                         "e.g. Mixtral); accepted: dense models")
+        experts = metadata[f"{arch}.expert_count"]
+        raise ValueError(f"this GGUF is a mixture of experts ({arch}.expert_count = {experts}, e.g. Mixtral); "
+                         "accepted: dense models")
     heads = _required(metadata, arch, "attention.head_count", "num_attention_heads")
     hidden = _required(metadata, arch, "embedding_length", "hidden_size")
     head_dim = (metadata.get(f"{arch}.attention.key_length") or metadata.get(f"{arch}.rope.dimension_count")

@@ -97,7 +97,8 @@ def causal_lm_class_for(config: LlamaConfig) -> type[LlamaForCausalLM]:
     """The causal-LM class for a config (Qwen2Config -> Qwen2ForCausalLM, ...)."""
     classes = causal_lm_classes()
     if config.model_type not in classes:
-        raise ValueError(f"model_type {config.model_type!r} is not supported; accepted: {', '.join(map(repr, classes))}")
+        raise ValueError(f"model_type {config.model_type!r} is not supported; "
+                         f"accepted: {', '.join(map(repr, classes))}")
     return classes[config.model_type]
 
 
@@ -115,7 +116,7 @@ class AutoModelForCausalLM:
 
     @staticmethod
     def from_pretrained(path, **kwargs) -> LlamaForCausalLM:
-        """The checkpoint at `path` loaded into the class its config names; kwargs as LlamaForCausalLM.from_pretrained."""
+        """The checkpoint at `path` in the class its config names; kwargs as for LlamaForCausalLM.from_pretrained."""
         from llamaviz.checkpoints import open_checkpoint  # readers live outside the pure-torch model package
 
         checkpoint = open_checkpoint(path)

@@ -23,18 +23,18 @@ CASES = {
 }
 
 
-def case_kwargs(case: str) -> tuple[str, dict]:
+def case_kwargs(case: str, **overrides) -> tuple[str, dict]:
     family, extra = CASES[case]
-    return family, {**BASE, **extra}
+    return family, {**BASE, **extra, **overrides}
 
 
-def hf_and_ours(case: str, attn_implementation: str = "sdpa", hf_attn: str = "eager"):
+def hf_and_ours(case: str, attn_implementation: str = "sdpa", hf_attn: str = "eager", **overrides):
     """A random transformers model of the case's family and llamaviz's holding the same weights, in eval mode."""
     import transformers
 
     import llamaviz
 
-    family, kwargs = case_kwargs(case)
+    family, kwargs = case_kwargs(case, **overrides)
     config_name, model_name = FAMILIES[family]
     torch.manual_seed(0)
     hf_config = getattr(transformers, config_name)(**kwargs, attn_implementation=hf_attn)
