@@ -174,3 +174,35 @@ def test_qwen2_tokenizer_from_tokenizer_json_and_from_gguf_metadata_match_transf
         assert ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == expected_chat
         assert ours.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == \
             reference.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+
+
+def test_terminal_notebook_app_analysis_and_patching_run_unchanged_on_a_qwen3_folder(tmp_path):
+    import io
+
+    from llamaviz import analysis, notebook
+    from llamaviz.app.models import ModelRegistry
+    from llamaviz.interventions import ablate_heads
+    from llamaviz.terminal import AttentionMaskVisualizer
+
+    folder = tmp_path / "qwen3"
+    tokenizer = train_tokenizer(folder)
+    hf, ours = hf_and_ours("qwen3_sliding", vocab_size=tokenizer.get_vocab_size())
+    ours.save_pretrained(folder)
+    printed = io.StringIO()
+    AttentionMaskVisualizer(str(folder))(TEXTS[0], file=printed)
+    assert "3 layers · 4 heads (1 KV)" in printed.getvalue()
+    entry = ModelRegistry().get(str(folder))
+    assert isinstance(entry.model, llamaviz.Qwen3ForCausalLM) and "(Qwen3ForCausalLM)" in entry.describe()
+    model, tok = entry.model, entry.tokenizer
+    assert notebook.show_attention(model, tok, TEXTS[0], layer=2, head=0).data
+    assert set(analysis.detect_heads(model, length=8)) >= {"previous-token", "induction"}
+    ids = tok(TEXTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad(), model.hooks(fwd_hooks=ablate_heads([(1, 0)], model=model)):
+        ablated = model(ids).logits
+    with torch.no_grad():
+        # the same ablation in transformers: head 0's columns of layer 1's o_proj set to zero
+        hf.model.layers[1].self_attn.o_proj.weight[:, :16] = 0
+        assert_close(ablated, hf(ids).logits, atol=1e-4, rtol=0)
+    sequences, cache = model.generate_with_cache(ids, max_new_tokens=6, eos_token_id=[])
+    assert cache["pattern", 2].shape[-1] == sequences.shape[1] - 1
+    assert cache["blocks.2.attn.hook_q_normalized"].shape[-2:] == (4, 16)
