@@ -32,7 +32,7 @@ class Qwen2Attention(LlamaAttention):
 class Qwen3Attention(LlamaAttention):
     """Llama attention with a per-head RMSNorm (weight [d]) on queries and keys before RoPE."""
 
-    hook_suffixes = ("q", "k", "v", "q_normalized", "k_normalized", "rot_q", "rot_k", "attn_scores", "pattern", "z")
+    hook_suffixes = (*LlamaAttention.hook_suffixes[:3], "q_normalized", "k_normalized", *LlamaAttention.hook_suffixes[3:])
 
     def __init__(self, config: LlamaConfig, layer_idx: int, attn_implementation: str = "sdpa"):
         super().__init__(config, layer_idx, attn_implementation)

@@ -79,17 +79,18 @@ def expected_shapes(config) -> dict[str, tuple]:
     """Every hook point of layer 1 and the ends, with the shape DESIGN.md and llama.variants document."""
     b, p, h, g, d = *IDS.shape, config.num_attention_heads, config.num_key_value_heads, config.head_dim
     m, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    per_layer = {"hook_resid_pre": (b, p, m), "ln1.hook_normalized": (b, p, m), "attn.hook_q": (b, p, h, d),
-                 "attn.hook_k": (b, p, g, d), "attn.hook_v": (b, p, g, d), "attn.hook_rot_q": (b, p, h, d),
-                 "attn.hook_rot_k": (b, p, g, d), "attn.hook_attn_scores": (b, h, p, p),
-                 "attn.hook_pattern": (b, h, p, p), "attn.hook_z": (b, p, h, d), "hook_attn_out": (b, p, m),
-                 "hook_resid_mid": (b, p, m), "ln2.hook_normalized": (b, p, m), "mlp.hook_pre": (b, p, f),
-                 "mlp.hook_pre_linear": (b, p, f), "mlp.hook_post": (b, p, f), "hook_mlp_out": (b, p, m),
-                 "hook_resid_post": (b, p, m)}
+    per_layer = {"hook_resid_pre": (b, p, m), "ln1.hook_scale": (b, p, 1), "ln1.hook_normalized": (b, p, m),
+                 "attn.hook_q": (b, p, h, d), "attn.hook_k": (b, p, g, d), "attn.hook_v": (b, p, g, d),
+                 "attn.hook_rot_q": (b, p, h, d), "attn.hook_rot_k": (b, p, g, d),
+                 "attn.hook_attn_scores": (b, h, p, p), "attn.hook_pattern": (b, h, p, p), "attn.hook_z": (b, p, h, d),
+                 "attn.hook_result": (b, p, h, m), "hook_attn_out": (b, p, m), "hook_resid_mid": (b, p, m),
+                 "hook_mlp_in": (b, p, m), "ln2.hook_scale": (b, p, 1), "ln2.hook_normalized": (b, p, m),
+                 "mlp.hook_pre": (b, p, f), "mlp.hook_pre_linear": (b, p, f), "mlp.hook_post": (b, p, f),
+                 "hook_mlp_out": (b, p, m), "hook_resid_post": (b, p, m)}
     if config.model_type == "qwen3":
         per_layer.update({"attn.hook_q_normalized": (b, p, h, d), "attn.hook_k_normalized": (b, p, g, d)})
     return {"hook_embed": (b, p, m), **{f"blocks.1.{name}": shape for name, shape in per_layer.items()},
-            "ln_final.hook_normalized": (b, p, m), "hook_logits": (b, p, v)}
+            "ln_final.hook_scale": (b, p, 1), "ln_final.hook_normalized": (b, p, m), "hook_logits": (b, p, v)}
 
 
 @pytest.mark.parametrize("case", ["mistral", "qwen2", "qwen3"])
@@ -97,8 +98,8 @@ def test_every_hook_point_has_its_documented_shape(case):
     _, ours = hf_and_ours(case)
     shapes = expected_shapes(ours.config)
     per_layer = len([name for name in shapes if name.startswith("blocks.1.")])
-    assert len(ours.hook_points()) == 3 + 3 * per_layer
-    logits, cache = ours.run_with_cache(IDS)
+    assert len(ours.hook_points()) == 4 + 3 * per_layer
+    logits, cache = ours.run_with_cache(IDS, names_filter=list(ours.hook_points()))  # hook_result only if named
     assert set(cache) == set(ours.hook_points())
     assert {name: tuple(cache[name].shape) for name in shapes} == shapes
     assert_close(cache["hook_logits"], logits)
@@ -116,9 +117,8 @@ def test_qwen3_norm_hooks_hold_the_normed_heads_and_patching_them_changes_the_ou
     rms = cache["blocks.1.attn.hook_q_normalized"].div(attn.q_norm.weight).pow(2).mean(-1)
     assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)  # each head has unit RMS before the weight
     zero_keys = [("blocks.1.attn.hook_k_normalized", lambda k, hook: k * 0)]
-    zeroed = ours.run_with_hooks(IDS, fwd_hooks=zero_keys).logits
     with ours.hooks(fwd_hooks=zero_keys):
-        _, patched = ours.run_with_cache(IDS, names_filter=["blocks.1.attn.hook_attn_scores"])
+        zeroed, patched = ours.run_with_cache(IDS, names_filter=["blocks.1.attn.hook_attn_scores"])
     assert not torch.allclose(zeroed, cache["hook_logits"])
     assert (patched["attn_scores", 1][:, :, -1] == 0).all()  # zero keys: every causal score is 0
 
@@ -135,8 +135,11 @@ def test_the_decomposition_still_sums_to_the_residual(case):
         assert_close(per_head.sum(2) + bias, cache["attn_out", layer], atol=1e-5, rtol=0)
         assert_close(cache["resid_pre", layer] + cache["attn_out", layer] + cache["mlp_out", layer],
                      cache["resid_post", layer], atol=1e-5, rtol=0)
-    stack = cache.accumulated_resid()  # [layers + 1, b, p, m]
-    assert_close(stack[-1], cache["resid_post", ours.config.num_hidden_layers - 1])
+    last = cache["resid_post", ours.config.num_hidden_layers - 1]
+    assert_close(cache.accumulated_resid()[-1], last)  # [layers + 1, b, p, m]
+    assert_close(cache.decompose_resid().sum(0), last, atol=1e-5, rtol=0)  # embed + attn_out + mlp_out
+    _, full = ours.run_with_cache(IDS, names_filter=list(ours.hook_points()))  # per-head results, neurons, biases
+    assert_close(full.get_full_resid_decomposition().sum(0), last, atol=1e-4, rtol=0)
 
 
 def test_qwen2_biases_sit_on_q_k_v_only():
@@ -217,3 +220,28 @@ def test_a_qwen3_checkpoint_without_its_norm_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"lacks 6 weight\(s\) Qwen3ForCausalLM needs: "
                                          r"model\.layers\.0\.self_attn\.q_norm\.weight"):
         llamaviz.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_start_and_stop_at_layer_and_patching_sweeps_keep_each_layers_window():
+    _, ours = hf_and_ours("qwen2_sliding")
+    from llamaviz import patching
+
+    clean, corrupted = IDS[:1], IDS[1:]
+    with torch.no_grad():
+        full = ours(clean, return_type="logits")
+        resid = ours(clean, stop_at_layer=1)  # [b, p, m] entering layer 1, the first sliding layer
+        assert_close(ours(resid, start_at_layer=1, return_type="logits"), full, atol=1e-5, rtol=0)
+    _, clean_cache = ours.run_with_cache(clean)
+
+    def metric(logits):
+        return logits[0, -1, 5] - logits[0, -1, 7]
+
+    sweep = patching.get_act_patch_resid_pre(ours, corrupted, clean_cache, metric)  # [L, p]
+    for layer, position in [(1, 3), (2, 11)]:  # brute force: one cell of the clean residual written in
+        def write_clean(resid_pre, hook, layer=layer, position=position):
+            resid_pre[:, position] = clean_cache["resid_pre", layer][:, position]
+            return resid_pre
+
+        with torch.no_grad():
+            patched = ours.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", write_clean)])
+        assert_close(sweep[layer, position], metric(patched), atol=1e-5, rtol=0)
