@@ -32,7 +32,9 @@ class Qwen2Attention(LlamaAttention):
 class Qwen3Attention(LlamaAttention):
     """Llama attention with a per-head RMSNorm (weight [d]) on queries and keys before RoPE."""
 
-    hook_suffixes = (*LlamaAttention.hook_suffixes[:3], "q_normalized", "k_normalized", *LlamaAttention.hook_suffixes[3:])
+    # Llama's hooks, with the two norm outputs after q, k, v (forward order)
+    hook_suffixes = (*LlamaAttention.hook_suffixes[:3], "q_normalized", "k_normalized",
+                     *LlamaAttention.hook_suffixes[3:])
 
     def __init__(self, config: LlamaConfig, layer_idx: int, attn_implementation: str = "sdpa"):
         super().__init__(config, layer_idx, attn_implementation)
