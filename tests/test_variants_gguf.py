@@ -154,18 +154,19 @@ def gguf_tokenizer_fields(tokenizer) -> dict:
             "add_add_bos_token": False, "add_chat_template": CHATML}
 
 
-def test_qwen2_tokenizer_from_tokenizer_json_and_from_gguf_metadata_match_transformers(tmp_path):
-    folder = tmp_path / "qwen2"
+@pytest.mark.parametrize("case", ["qwen2", "qwen3"])  # Qwen3 ships Qwen2's tokenizer
+def test_qwen_tokenizer_from_tokenizer_json_and_from_gguf_metadata_match_transformers(case, tmp_path):
+    folder = tmp_path / case
     tokenizer = train_tokenizer(folder)
-    hf, _ = hf_and_ours("qwen2", vocab_size=tokenizer.get_vocab_size())
+    hf, ours_model = hf_and_ours(case, vocab_size=tokenizer.get_vocab_size())
     hf.save_pretrained(folder)  # a complete HF folder: weights, config, tokenizer
-    path = write_gguf(tmp_path / "qwen2.gguf", hf, "qwen2", tokenizer_fields=gguf_tokenizer_fields(tokenizer))
+    path = write_gguf(tmp_path / f"{case}.gguf", hf, case, tokenizer_fields=gguf_tokenizer_fields(tokenizer))
     reference = transformers.AutoTokenizer.from_pretrained(folder)
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[0]}]
     expected_chat = reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     for source in (folder, path):
         model, ours = llamaviz.load(source)
-        assert isinstance(model, llamaviz.Qwen2ForCausalLM)
+        assert type(model) is type(ours_model)
         prompt = reference.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
         assert torch.equal(model.generate(torch.tensor([prompt]), max_new_tokens=5, eos_token_id=[]),
                            hf.generate(torch.tensor([prompt]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
