@@ -186,14 +186,15 @@ class Qwen2Config(LlamaConfig):
     def __post_init__(self):
         if not self.use_sliding_window:
             self.sliding_window = None
-        if self.layer_types is None:
+        if self.layer_types is None and isinstance(self.num_hidden_layers, int):  # else validate() names the field
             self.layer_types = ["sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
                                 else "full_attention" for i in range(self.num_hidden_layers)]
         super().__post_init__()
 
     def validate(self) -> None:
         super().validate()
-        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+        if (not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers
+                or not set(self.layer_types) <= set(LAYER_TYPES)):
             raise ValueError(f"{type(self).__name__}.layer_types must list one of {', '.join(LAYER_TYPES)} for each "
                              f"of the {self.num_hidden_layers} layers, got {self.layer_types!r}")
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
@@ -207,7 +208,7 @@ class Qwen2Config(LlamaConfig):
 
 @dataclass
 class Qwen3Config(Qwen2Config):
-    """Qwen3: Qwen2's settings without its q/k/v biases, plus an RMSNorm on each query and key head."""
+    """Qwen3: Qwen2's settings, attention_bias for all four projections (as Llama), an RMSNorm per q/k head."""
 
     model_type: ClassVar[str] = "qwen3"
     architecture: ClassVar[str] = "Qwen3ForCausalLM"
