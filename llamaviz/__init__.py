@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 _LAZY = {
     **{name: "llamaviz.llama" for name in ("ActivationCache", "DynamicCache", "HookPoint", "LlamaConfig",
                                            "LlamaForCausalLM", "LlamaModel", "StaticCache", "build_mask")},
+    **{name: "llamaviz.llama.variants" for name in ("AutoModelForCausalLM", "MistralForCausalLM",
+                                                    "Qwen2ForCausalLM", "Qwen3ForCausalLM")},
+    **{name: "llamaviz.llama.config" for name in ("MistralConfig", "Qwen2Config", "Qwen3Config")},
     "AutoTokenizer": "llamaviz.tokenizer",
     "LlamaTokenizer": "llamaviz.tokenizer",
     "LlamaTokenizerFast": "llamaviz.tokenizer",
@@ -38,14 +41,14 @@ def __getattr__(name: str):
 
 
 def load(path=None, dtype=None, device=None, attn_implementation: str = "sdpa", **kwargs):
-    """(model, tokenizer) from a checkpoint folder or .gguf file; None loads the default model."""
+    """(model, tokenizer) from a checkpoint folder or .gguf file (Llama, Mistral, Qwen2, Qwen3); None = the default."""
     from .checkpoints.default import default_model_path
-    from .llama import LlamaForCausalLM
+    from .llama.variants import AutoModelForCausalLM
     from .tokenizer import AutoTokenizer
 
     path = default_model_path() if path is None else path
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, device=device,
-                                             attn_implementation=attn_implementation, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device,
+                                                 attn_implementation=attn_implementation, **kwargs)
     model.tokenizer = AutoTokenizer.from_pretrained(path)  # to_tokens / to_str_tokens use it
     return model, model.tokenizer
 

@@ -37,7 +37,7 @@ class ModelEntry:
     def describe(self) -> str:
         """One line: layers, heads, context and vocabulary of the model."""
         c = self.config
-        return (f"{self.name}: {c.num_hidden_layers} layers x {c.num_attention_heads} heads "
+        return (f"{self.name} ({c.architecture}): {c.num_hidden_layers} layers x {c.num_attention_heads} heads "
                 f"({c.num_key_value_heads} KV heads), hidden {c.hidden_size}, context "
                 f"{c.max_position_embeddings}, vocab {c.vocab_size}")
 

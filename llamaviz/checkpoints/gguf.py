@@ -20,7 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llamaviz.checkpoints import quants
 from llamaviz.checkpoints.base import Checkpoint, TensorInfo, hf_rope_layout
-from llamaviz.llama.config import LlamaConfig
+from llamaviz.llama.config import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 _STRING, _ARRAY = 8, 9
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -183,42 +183,64 @@ def _check_tensor_extents(header: GGUFHeader, file_size: int) -> None:
 _LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+# general.architecture -> the config class; "llama" files of Mistral models become MistralConfig (below)
+_CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+GGUF_ARCHITECTURES = tuple(_CONFIG_CLASSES)
+_PERMUTED_ROPE = {"llama"}  # llama.cpp's converter interleaves the q/k rows of these; qwen2/qwen3 keep HF's order
+
+
 def config_from_gguf(metadata: dict[str, Any], tensor_names=(), rope_freqs: torch.Tensor | None = None,
                      ) -> LlamaConfig:
-    """LlamaConfig from llama.cpp's `llama.*` and `tokenizer.ggml.*` keys; ValueError for other architectures."""
-    architecture = metadata.get("general.architecture")
-    if architecture != "llama":
-        raise ValueError(f"GGUF architecture {architecture!r} is not supported; accepted: 'llama'")
-    if metadata.get("llama.expert_count", 0) > 0:
-        raise ValueError(f"this GGUF is a mixture of experts (llama.expert_count = {metadata['llama.expert_count']}, "
-                         "e.g. Mixtral); accepted: dense Llama models")
-    heads = _required(metadata, "attention.head_count", "num_attention_heads")
-    hidden = _required(metadata, "embedding_length", "hidden_size")
-    head_dim = (metadata.get("llama.attention.key_length") or metadata.get("llama.rope.dimension_count")
+    """The config from llama.cpp's `{arch}.*` and `tokenizer.ggml.*` keys, for arch llama, qwen2 or qwen3."""
+    arch = metadata.get("general.architecture")
+    if arch not in _CONFIG_CLASSES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; accepted: "
+                         f"{', '.join(map(repr, GGUF_ARCHITECTURES))} (Mistral files say 'llama')")
+    if metadata.get(f"{arch}.expert_count", 0) > 0:
+        experts = metadata[f"{arch}.expert_count"]
+        raise ValueError(f"this GGUF is a mixture of experts ({arch}.expert_count = {experts}, e.g. Mixtral); "
+                         "accepted: dense models")
+    heads = _required(metadata, arch, "attention.head_count", "num_attention_heads")
+    hidden = _required(metadata, arch, "embedding_length", "hidden_size")
+    head_dim = (metadata.get(f"{arch}.attention.key_length") or metadata.get(f"{arch}.rope.dimension_count")
                 or hidden // heads)
-    return LlamaConfig(
-        vocab_size=_vocab_size(metadata),
+    config_class, family = _family(metadata, arch)
+    return config_class(
+        vocab_size=_vocab_size(metadata, arch),
         hidden_size=hidden,
-        intermediate_size=_required(metadata, "feed_forward_length", "intermediate_size"),
-        num_hidden_layers=_required(metadata, "block_count", "num_hidden_layers"),
+        intermediate_size=_required(metadata, arch, "feed_forward_length", "intermediate_size"),
+        num_hidden_layers=_required(metadata, arch, "block_count", "num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=_one_per_model(metadata.get("llama.attention.head_count_kv", heads)),
+        num_key_value_heads=_one_per_model(metadata.get(f"{arch}.attention.head_count_kv", heads)),
         head_dim=head_dim,
-        rms_norm_eps=_required(metadata, "attention.layer_norm_rms_epsilon", "rms_norm_eps"),
-        rope_theta=metadata.get("llama.rope.freq_base", 10000.0),
-        rope_scaling=_rope_scaling(metadata, rope_freqs, head_dim),
-        max_position_embeddings=_required(metadata, "context_length", "max_position_embeddings"),
+        rms_norm_eps=_required(metadata, arch, "attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+        rope_theta=metadata.get(f"{arch}.rope.freq_base", 10000.0),
+        rope_scaling=_rope_scaling(metadata, arch, rope_freqs, head_dim),
+        max_position_embeddings=_required(metadata, arch, "context_length", "max_position_embeddings"),
         tie_word_embeddings="output.weight" not in tensor_names,  # llama.cpp drops a tied output matrix
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
+        **family,
     )
 
 
-def _required(metadata: dict[str, Any], key: str, field: str):
-    if f"llama.{key}" not in metadata:
-        raise ValueError(f"GGUF metadata lacks 'llama.{key}', needed for LlamaConfig.{field}")
-    return _one_per_model(metadata[f"llama.{key}"])
+def _family(metadata: dict[str, Any], arch: str) -> tuple[type[LlamaConfig], dict]:
+    """The config class and its own fields. llama.cpp writes Mistral as 'llama': known by its sliding-window key
+    or its name; the window is the file's `llama.attention.sliding_window` (None, full causal, without it)."""
+    if arch != "llama":
+        return _CONFIG_CLASSES[arch], {}  # llama.cpp runs qwen2/qwen3 files with full causal attention
+    window = metadata.get("llama.attention.sliding_window")
+    names = f"{metadata.get('general.name', '')} {metadata.get('general.basename', '')}".lower()
+    if window is None and "mistral" not in names:
+        return LlamaConfig, {}
+    return MistralConfig, {"sliding_window": window}
+
+
+def _required(metadata: dict[str, Any], arch: str, key: str, field: str):
+    if f"{arch}.{key}" not in metadata:
+        raise ValueError(f"GGUF metadata lacks '{arch}.{key}', needed for LlamaConfig.{field}")
+    return _one_per_model(metadata[f"{arch}.{key}"])
 
 
 def _one_per_model(value):
@@ -230,25 +252,25 @@ def _one_per_model(value):
     return value
 
 
-def _vocab_size(metadata: dict[str, Any]) -> int:
-    if "llama.vocab_size" in metadata:
-        return metadata["llama.vocab_size"]
+def _vocab_size(metadata: dict[str, Any], arch: str) -> int:
+    if f"{arch}.vocab_size" in metadata:
+        return metadata[f"{arch}.vocab_size"]
     if "tokenizer.ggml.tokens" in metadata:
         return len(metadata["tokenizer.ggml.tokens"])
-    raise ValueError("GGUF metadata has neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens'")
+    raise ValueError(f"GGUF metadata has neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens'")
 
 
-def _rope_scaling(metadata: dict[str, Any], rope_freqs: torch.Tensor | None, head_dim: int) -> dict | None:
+def _rope_scaling(metadata: dict[str, Any], arch: str, rope_freqs: torch.Tensor | None, head_dim: int) -> dict | None:
     """rope.scaling.* keys -> HF rope_scaling; a rope_freqs tensor means Llama 3 scaling (llama.cpp stores it so)."""
     if rope_freqs is not None:
         return _llama3_scaling_from_freqs(metadata, rope_freqs, head_dim)
-    rope_type = metadata.get("llama.rope.scaling.type", "none")
-    factor = metadata.get("llama.rope.scaling.factor", metadata.get("llama.rope.scale_linear"))
+    rope_type = metadata.get(f"{arch}.rope.scaling.type", "none")
+    factor = metadata.get(f"{arch}.rope.scaling.factor", metadata.get(f"{arch}.rope.scale_linear"))
     if (rope_type == "none" and factor is None) or factor == 1.0:
         return None
     scaling = {"rope_type": "linear" if rope_type == "none" else rope_type, "factor": factor}
-    if "llama.rope.scaling.original_context_length" in metadata:
-        scaling["original_max_position_embeddings"] = metadata["llama.rope.scaling.original_context_length"]
+    if f"{arch}.rope.scaling.original_context_length" in metadata:
+        scaling["original_max_position_embeddings"] = metadata[f"{arch}.rope.scaling.original_context_length"]
     return scaling  # LlamaConfig rejects the types the model cannot compute (e.g. yarn), naming them
 
 
@@ -282,6 +304,7 @@ _PER_LAYER = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",  # Qwen3's per-head norms
 }
 _NOT_WEIGHTS = {"rope_freqs.weight"}  # RoPE factors, folded into the config
 
@@ -301,7 +324,7 @@ def hf_tensor_name(gguf_name: str) -> str:
 
 
 class GGUFCheckpoint(Checkpoint):
-    """A llama.cpp .gguf file: tensors dequantized to float32 and un-permuted, one at a time."""
+    """A llama.cpp .gguf file: tensors dequantized to float32 (q/k un-permuted for 'llama' files), one at a time."""
 
     format = "gguf"
     fresh_tensors = True  # dequantized into new memory (F32 ones are copied out of the file)
@@ -320,6 +343,7 @@ class GGUFCheckpoint(Checkpoint):
         infos = {name: TensorInfo(t.shape, t.nbytes, path) for name, t in self._sources.items()}
         super().__init__(path, config, torch.float32, path, infos)
         self.metadata = header.metadata
+        self.permuted_rope = header.metadata.get("general.architecture") in _PERMUTED_ROPE
 
     @staticmethod
     def _rope_freqs(path: Path, by_name: dict[str, GGUFTensor]) -> torch.Tensor | None:
@@ -335,7 +359,7 @@ class GGUFCheckpoint(Checkpoint):
             if wanted is None or name in wanted:
                 raw = mapped[source.offset:source.offset + source.nbytes]
                 weight = quants.dequantize(raw, source.ggml_type, source.shape)
-                yield name, hf_rope_layout(name, weight, self.config)
+                yield name, hf_rope_layout(name, weight, self.config) if self.permuted_rope else weight
 
 
 

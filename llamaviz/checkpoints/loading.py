@@ -118,11 +118,13 @@ def load_pretrained(model_class, path, dtype=None, device=None, attn_implementat
                     progress=None, **model_kwargs):
     """Build `model_class` on the meta device and fill it from the checkpoint at `path`, one tensor at a time.
 
-    Keyword arguments naming LlamaConfig fields (e.g. num_labels=3) override the config; the rest go
+    LlamaForCausalLM stands for the whole family: it becomes the variant the checkpoint's config names
+    (MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM). Keyword arguments naming config fields (e.g. num_labels=3) override the config; the rest go
     to the model's constructor. progress: True/False forces the stderr bar; None shows it above 500 MB;
     a callable `fn(fraction, text)` is told instead (the web app's progress bar).
     """
     checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    model_class = family_class(model_class, checkpoint)
     dtype, device = resolve_dtype(dtype, checkpoint), resolve_device(device)
     config, model_kwargs = _configure(checkpoint.config, dtype, model_kwargs)
     with torch.device("meta"), _no_init_on_meta():
@@ -136,6 +138,24 @@ def load_pretrained(model_class, path, dtype=None, device=None, attn_implementat
     model.eval()
     model.name_or_path = config.name_or_path
     return model
+
+
+def family_class(model_class, checkpoint: Checkpoint):
+    """The class to build for this checkpoint: LlamaForCausalLM -> the config's variant; others must match it."""
+    from llamaviz.llama.modeling import LlamaForCausalLM
+    from llamaviz.llama.variants import causal_lm_class_for
+
+    config = checkpoint.config
+    if model_class is LlamaForCausalLM:
+        return causal_lm_class_for(config)
+    wanted = getattr(model_class, "config_class", LlamaConfig)
+    # a Mistral checkpoint is a Llama with a sliding window: every Llama class runs it unchanged
+    runs_it = type(config) is wanted or (wanted is LlamaConfig and config.model_type == "mistral")
+    if not runs_it:
+        raise ValueError(f"{checkpoint.path} is a {config.model_type!r} checkpoint ({type(config).__name__}); "
+                         f"{model_class.__name__} runs model_type {wanted.model_type!r}. Load it with "
+                         f"{causal_lm_class_for(config).__name__} or AutoModelForCausalLM")
+    return model_class
 
 
 def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -183,7 +203,7 @@ def _no_init_on_meta():
 
 def _configure(config: LlamaConfig, dtype: torch.dtype, kwargs: dict) -> tuple[LlamaConfig, dict]:
     """A copy of the config with the dtype and any field overrides; the kwargs left for the model."""
-    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+    fields = {f.name for f in dataclasses.fields(config)}
     overrides = {k: v for k, v in kwargs.items() if k in fields}
     config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."), **overrides)
     return config, {k: v for k, v in kwargs.items() if k not in fields}
@@ -251,6 +271,7 @@ _DIM_FIELDS = {
     "gate_proj.weight": ("intermediate_size", "hidden_size"), "up_proj.weight": ("intermediate_size", "hidden_size"),
     "down_proj.weight": ("hidden_size", "intermediate_size"), "gate_proj.bias": ("intermediate_size",),
     "up_proj.bias": ("intermediate_size",), "down_proj.bias": ("hidden_size",),
+    "q_norm.weight": ("head_dim",), "k_norm.weight": ("head_dim",),  # before norm.weight: matched by ending
     "norm.weight": ("hidden_size",), "layernorm.weight": ("hidden_size",),
     "score.weight": ("num_labels", "hidden_size"), "qa_outputs.weight": ("2 (start, end)", "hidden_size"),
 }

@@ -1,4 +1,4 @@
-"""Writing a model as an HF folder: model.safetensors (sharded above max_shard_size) + config.json."""
+"""Writing a model as an HF folder: model.safetensors (sharded above max_shard_size) + its config.json."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def parse_size(size: int | str) -> int:
 
 
 def save_pretrained(model, folder: str | Path, max_shard_size: int | str | None = None) -> Path:
-    """Write `model` so that transformers' LlamaForCausalLM.from_pretrained(folder) loads the same weights."""
+    """Write `model` so that transformers' class of its architecture (config.json names it) loads the same weights."""
     from llamaviz.llama.quantize import quantization_of
 
     if quantization_of(model) is not None:

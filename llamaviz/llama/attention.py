@@ -52,6 +52,9 @@ def sdpa_attention(q, k, v, mask, scale):
 class LlamaAttention(nn.Module):
     """Self-attention of one decoder layer: q/k/v/o projections, RoPE, GQA, optional KV cache."""
 
+    # the hook points under blocks.{L}.attn, in forward order (a variant adding hooks extends it)
+    hook_suffixes = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result")
+
     def __init__(self, config: LlamaConfig, layer_idx: int, attn_implementation: str = "sdpa"):
         super().__init__()
         self.layer_idx = layer_idx
@@ -59,11 +62,11 @@ class LlamaAttention(nn.Module):
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.scale = self.head_dim ** -0.5
         self.attn_implementation = attn_implementation
-        hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        hidden, (qkv_bias, o_bias) = config.hidden_size, self.projection_biases(config)
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
         self.hook_q = HookPoint()  # [b, p, h, d] before RoPE
         self.hook_k = HookPoint()  # [b, p, g, d] before RoPE
         self.hook_v = HookPoint()  # [b, p, g, d]
@@ -73,6 +76,19 @@ class LlamaAttention(nn.Module):
         self.hook_pattern = HookPoint()  # [b, h, p, k] softmax probabilities
         self.hook_z = HookPoint()  # [b, p, h, d] per-head output before o_proj
         self.hook_result = HookPoint()  # [b, p, h, m] each head's output in the residual stream; only when hooked
+
+    @staticmethod
+    def projection_biases(config: LlamaConfig) -> tuple[bool, bool]:
+        """(q/k/v biased, o_proj biased): a Llama biases all four or none, as config.attention_bias says."""
+        return config.attention_bias, config.attention_bias
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [b, p, m] -> q [b, p, h, d], k [b, p, g, d], v [b, p, g, d], before RoPE."""
+        b, p, _ = x.shape
+        q = self.hook_q(self.q_proj(x).view(b, p, self.num_heads, self.head_dim))  # [b, p, h, d]
+        k = self.hook_k(self.k_proj(x).view(b, p, self.kv_heads, self.head_dim))  # [b, p, g, d]
+        v = self.hook_v(self.v_proj(x).view(b, p, self.kv_heads, self.head_dim))  # [b, p, g, d]
+        return q, k, v
 
     def needs_pattern(self, output_attentions: bool) -> bool:
         return (output_attentions or self.attn_implementation == "eager"
@@ -85,9 +101,7 @@ class LlamaAttention(nn.Module):
         one query); `causal_mask` builds the explicit tensor when the eager path needs it.
         """
         b, p, _ = x.shape
-        q = self.hook_q(self.q_proj(x).view(b, p, self.num_heads, self.head_dim))  # [b, p, h, d]
-        k = self.hook_k(self.k_proj(x).view(b, p, self.kv_heads, self.head_dim))  # [b, p, g, d]
-        v = self.hook_v(self.v_proj(x).view(b, p, self.kv_heads, self.head_dim))  # [b, p, g, d]
+        q, k, v = self.project(x)  # [b, p, h|g, d]
         q = self.hook_rot_q(apply_rope(q, cos, sin)).transpose(1, 2)  # [b, h, p, d]
         k = self.hook_rot_k(apply_rope(k, cos, sin)).transpose(1, 2)  # [b, g, p, d]
         v = v.transpose(1, 2)  # [b, g, p, d]

@@ -1,4 +1,9 @@
-"""LlamaConfig: every hyper-parameter that changes the math, read from and written to config.json."""
+"""LlamaConfig: every hyper-parameter that changes the math, read from and written to config.json.
+
+The family's other members are subclasses that add their own config.json keys: MistralConfig,
+Qwen2Config (per-layer sliding windows) and Qwen3Config. `LlamaConfig.from_pretrained` reads any of
+them and returns the subclass that config.json's `model_type` names.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,16 @@ import json
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
 @dataclass
 class LlamaConfig:
+    model_type: ClassVar[str] = "llama"  # config.json's model_type
+    architecture: ClassVar[str] = "LlamaForCausalLM"  # config.json's architectures[0]
+
     vocab_size: int = 32000  # v: rows of embed_tokens and lm_head
     hidden_size: int = 4096  # m: width of the residual stream
     intermediate_size: int = 11008  # f: width of the SwiGLU MLP
@@ -60,6 +68,11 @@ class LlamaConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding window (None = full causal): one window for every layer of a Llama."""
+        return [self.sliding_window] * self.num_hidden_layers
 
     @property
     def rope_type(self) -> str:
@@ -110,12 +123,23 @@ class LlamaConfig:
             raise FileNotFoundError(f"no config.json at {path}") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
-        model_type = values.get("model_type", "llama")
-        if model_type not in ("llama", "mistral"):
-            raise ValueError(f"{path}: model_type {model_type!r} is not a Llama; accepted: 'llama'")
-        config = cls.from_dict(values)
+        config_class = cls.class_for(values.get("model_type", cls.model_type), path)
+        config = config_class.from_dict(values)
         config.name_or_path = config.name_or_path or str(path.parent)
         return config
+
+    @classmethod
+    def class_for(cls, model_type: str, source: object = "config") -> type["LlamaConfig"]:
+        """The config class for a config.json `model_type`: any family member for LlamaConfig, else its own."""
+        families = config_classes()
+        if model_type not in families:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; accepted: "
+                             f"{', '.join(map(repr, families))}")
+        found = families[model_type]
+        if cls is not LlamaConfig and found is not cls:
+            raise ValueError(f"{source}: model_type {model_type!r} is not a {cls.__name__} "
+                             f"(model_type {cls.model_type!r}); load it with {found.__name__} or LlamaConfig")
+        return found
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "LlamaConfig":
@@ -126,7 +150,7 @@ class LlamaConfig:
         """The config.json that transformers' LlamaConfig reads."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in ("extra", "name_or_path")}
-        values.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+        values.update(model_type=self.model_type, architectures=[self.architecture], hidden_act="silu")
         return {**self.extra, **values}
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -135,6 +159,69 @@ class LlamaConfig:
         target = folder / "config.json"
         target.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return target
+
+
+@dataclass
+class MistralConfig(LlamaConfig):
+    """Mistral: a Llama whose keys reach back at most `sliding_window` positions (4096 unless config.json says)."""
+
+    model_type: ClassVar[str] = "mistral"
+    architecture: ClassVar[str] = "MistralForCausalLM"
+
+    sliding_window: int | None = 4096  # transformers' default for Mistral; config.json may say null
+
+
+@dataclass
+class Qwen2Config(LlamaConfig):
+    """Qwen2 / Qwen2.5: biased q/k/v (not o_proj; see llama.variants) and a sliding window on chosen layers."""
+
+    model_type: ClassVar[str] = "qwen2"
+    architecture: ClassVar[str] = "Qwen2ForCausalLM"
+
+    sliding_window: int | None = 4096  # used only where use_sliding_window is true
+    use_sliding_window: bool = False  # False: every layer is full causal, whatever sliding_window says
+    max_window_layers: int = 28  # layers from this index on slide, when layer_types is not given
+    layer_types: list[str] | None = None  # per layer: "full_attention" | "sliding_attention"
+
+    def __post_init__(self):
+        if not self.use_sliding_window:
+            self.sliding_window = None
+        if self.layer_types is None and isinstance(self.num_hidden_layers, int):  # else validate() names the field
+            self.layer_types = ["sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
+                                else "full_attention" for i in range(self.num_hidden_layers)]
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        if (not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers
+                or not set(self.layer_types) <= set(LAYER_TYPES)):
+            raise ValueError(f"{type(self).__name__}.layer_types must list one of {', '.join(LAYER_TYPES)} for each "
+                             f"of the {self.num_hidden_layers} layers, got {self.layer_types!r}")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError(f"{type(self).__name__}.layer_types has sliding_attention layers but sliding_window "
+                             "is None (or use_sliding_window is false)")
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        return [self.sliding_window if kind == "sliding_attention" else None for kind in self.layer_types]
+
+
+@dataclass
+class Qwen3Config(Qwen2Config):
+    """Qwen3: Qwen2's settings, attention_bias for all four projections (as Llama), an RMSNorm per q/k head."""
+
+    model_type: ClassVar[str] = "qwen3"
+    architecture: ClassVar[str] = "Qwen3ForCausalLM"
+
+    head_dim: int | None = 128  # transformers' default for Qwen3, which sets it explicitly
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def config_classes() -> dict[str, type[LlamaConfig]]:
+    """model_type -> config class, for every family member llamaviz runs."""
+    return {cls.model_type: cls for cls in (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)}
 
 
 def _check_index(value, name: str, size: int, what: str, also: str = "") -> int:

@@ -73,9 +73,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_idx: int, attn_implementation: str):
+    def __init__(self, config: LlamaConfig, layer_idx: int, attn_implementation: str,
+                 attention_class: type[LlamaAttention] = LlamaAttention):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, attn_implementation)
+        self.self_attn = attention_class(config, layer_idx, attn_implementation)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -170,12 +171,14 @@ def check_attn_implementation(name: str) -> str:
 class LlamaModel(LlamaPreTrainedModel):
     """Embeddings, decoder layers and the final norm; returns the last hidden state."""
 
+    attention_class: type[LlamaAttention] = LlamaAttention  # a variant (llama.variants) swaps in its own
+
     def __init__(self, config: LlamaConfig, attn_implementation: str = "sdpa"):
         super().__init__()
         self.config = config
         check_attn_implementation(attn_implementation)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, attn_implementation)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, attn_implementation, self.attention_class)
                                     for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = rotary_embedding(config)
@@ -192,7 +195,7 @@ class LlamaModel(LlamaPreTrainedModel):
                 f"blocks.{i}.ln1.hook_scale": layer.input_layernorm.hook_scale,
                 f"blocks.{i}.ln1.hook_normalized": layer.input_layernorm.hook_normalized,
                 **{f"blocks.{i}.attn.hook_{n}": getattr(attn, f"hook_{n}")
-                   for n in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result")},
+                   for n in attn.hook_suffixes},
                 f"blocks.{i}.hook_attn_out": layer.hook_attn_out,
                 f"blocks.{i}.hook_resid_mid": layer.hook_resid_mid,
                 f"blocks.{i}.hook_mlp_in": layer.hook_mlp_in,
@@ -228,11 +231,13 @@ class LlamaModel(LlamaPreTrainedModel):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past, p, x.device)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # [b, p, d] each
-        mask, causal_mask = self._attention_mask(attention_mask, p, past, cache, x.device)
+        windows = self.config.layer_windows  # one mask per distinct window (Qwen2 mixes full and sliding layers)
+        masks = {w: self._attention_mask(attention_mask, p, past, cache, x.device, w) for w in set(windows)}
         hidden, attentions = [], []
-        for layer in self.layers[start:stop]:
+        for layer, window in zip(self.layers[start:stop], windows[start:stop]):
             if output_hidden_states:
                 hidden.append(x)
+            mask, causal_mask = masks[window]
             x, pattern = layer(x, cos, sin, mask, cache, output_attentions, causal_mask)
             if output_attentions:
                 attentions.append(pattern)
@@ -285,10 +290,9 @@ class LlamaModel(LlamaPreTrainedModel):
             raise ValueError(f"sequence of {total} tokens is longer than the model's context of {limit} "
                              "(config.max_position_embeddings)")
 
-    def _attention_mask(self, attention_mask, p, past, cache, device):
-        """(mask or None for plain causal, a builder of the explicit mask for the eager path)."""
+    def _attention_mask(self, attention_mask, p, past, cache, device, window):
+        """(mask or None for plain causal, a builder of the explicit mask for the eager path); `window` None = full."""
         key_length = getattr(cache, "key_length", None) or past + p
-        window = self.config.sliding_window
         plain = ((attention_mask is None or bool(attention_mask.all())) and key_length == past + p
                  and (window is None or past + p <= window) and (past == 0 or p == 1))
 
@@ -311,10 +315,12 @@ class LlamaForCausalLM(TransformerLensMixin, LlamaPreTrainedModel):
 
     tl_return_type = "logits"
 
+    base_model_class: type[LlamaModel] = LlamaModel  # a variant (llama.variants) swaps in its own
+
     def __init__(self, config: LlamaConfig, attn_implementation: str = "sdpa"):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attn_implementation)
+        self.model = self.base_model_class(config, attn_implementation)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.hook_logits = HookPoint()  # [b, p, v]
         self._init_weights(self.lm_head)
