@@ -85,7 +85,7 @@ def layer_shares(cache, layer: int, batch: int = 0, queries: slice | None = None
 
 
 def information_flow(cache, position: int = -1, threshold: float = 0.04, batch: int = 0) -> FlowGraph:
-    """The edges with share >= threshold that reach (L, position), walking back from the last layer."""
+    """The edges with share >= threshold (and above zero) that reach (L, position), walking back from the last layer."""
     model = cache._require_model("information_flow")
     layers = model.config.num_hidden_layers
     p = cache["hook_embed"].shape[1]
@@ -113,10 +113,11 @@ def information_flow(cache, position: int = -1, threshold: float = 0.04, batch: 
 def _edges_into(graph: FlowGraph, shares: LayerShares, layer: int, target: int, row: int, threshold: float):
     sources = set()
     for kind, share in (("resid", shares.resid[row]), ("mlp", shares.mlp[row])):
-        if share >= threshold:
+        if share >= threshold and share > 0:
             graph.edges.append(FlowEdge(layer, target, target, kind, None, float(share)))
             sources.add(target)
-    heads, keys = (shares.attn[:, row] >= threshold).nonzero(as_tuple=True)
+    row_shares = shares.attn[:, row]  # [h, k]
+    heads, keys = ((row_shares >= threshold) & (row_shares > 0)).nonzero(as_tuple=True)
     for head, source in zip(heads.tolist(), keys.tolist()):
         graph.edges.append(FlowEdge(layer, source, target, "attn", head, float(shares.attn[head, row, source])))
         sources.add(source)
