@@ -56,6 +56,8 @@ def _add_mask(commands) -> None:
     mask.add_argument("--width", type=int, metavar="COLUMNS", help="fit this many columns (default: the terminal's)")
     mask.add_argument("--scale", choices=("row", "absolute"), default="row",
                       help="weights view: shade by weight / row max (default) or by the raw weight")
+    mask.add_argument("--raw-tokens", action="store_true",
+                      help="label rows with the vocabulary's pieces ('ĠJohn') instead of their text ('␣John')")
     colors = mask.add_mutually_exclusive_group()
     colors.add_argument("--no-color", dest="color", action="store_false", default=None,
                         help="no escape codes (default: colour on a terminal unless NO_COLOR is set)")
@@ -117,7 +119,7 @@ def run_mask(args) -> int:
     viz = AttentionMaskVisualizer(args.model)
     text = args.text[0] if len(args.text) == 1 else args.text
     viz(text, layer=args.layer, head=args.head, past_length=args.past_length, color=args.color,
-        width=args.width, max_tokens=args.max_tokens, scale=args.scale)
+        width=args.width, max_tokens=args.max_tokens, scale=args.scale, raw_tokens=args.raw_tokens)
     return 0
 
 

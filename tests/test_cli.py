@@ -58,6 +58,7 @@ def commands(tiny: Path, chat: Path, nowhere: Path, not_a_model: Path) -> dict:
         "batch_past": (["mask", "short", PROMPT, "--model", tiny, "--past-length", "2", "--max-tokens", "6",
                         *text], ""),
         "color": (["mask", PROMPT, "--model", tiny, "--color"], ""),
+        "raw_tokens": (["mask", PROMPT, "--model", tiny, "--raw-tokens", *text], ""),
         "chat": (["run", "--model", str(chat), "--chat", "--max-new-tokens", "4"], PROMPT + "\n"),
         "chat_continuation": (["run", "--model", str(chat), "--chat", "--continuation-only", "--max-new-tokens", "4"],
                               PROMPT + "\n"),
@@ -159,6 +160,7 @@ def test_run_chat_uses_the_template(launched, chat_dir, name, full):
     ("mask", dict(color=False, width=200)),
     ("weights", dict(layer=1, head=0, color=False, width=200)),
     ("batch_past", dict(past_length=2, max_tokens=6, color=False, width=200)),
+    ("raw_tokens", dict(raw_tokens=True, color=False, width=200)),
 ])
 def test_mask_prints_what_the_library_renders(launched, tiny_dir, name, options):
     status, out, err = launched.result(name)
