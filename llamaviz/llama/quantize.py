@@ -56,12 +56,25 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight [o, i] in the scales' dtype (for code that reads `.weight`)."""
-        codes = unpack_codes(self.qweight, self.bits, self.in_features)  # [o, i] uint8
-        return dequantize_weight(codes, self.scales, self.zeros, self.group_size)
+        """The dequantized weight [o, i] in the scales' dtype (for code that reads `.weight`), contiguous."""
+        return self.dequantized().contiguous()
+
+    def dequantized(self) -> torch.Tensor:
+        """The dequantized weight [o, i]: a column slice of [o, n * g] when the last group is shorter.
+
+        The codes are unpacked into whole groups, [o, n, g], so one broadcast does every group; the
+        columns past i (a shorter last group's missing ones) are left out by slicing, not copying
+        (F.linear reads the strided weight as it is).
+        """
+        groups, width = self.scales.shape[1], min(self.group_size, self.in_features)  # a group wider than a row: one
+        codes = unpack_codes(self.qweight, self.bits, self.in_features, columns=groups * width)  # [o, n * g]
+        grouped = codes.view(self.out_features, groups, width).to(self.scales.dtype)  # [o, n, g]
+        shift = self.zeros.to(self.scales.dtype) * self.scales  # [o, n]: the zero point in weight units
+        weight = grouped.mul_(self.scales[..., None]).sub_(shift[..., None]).view(self.out_features, -1)
+        return weight[:, :self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), self.bias)
+        return F.linear(x, self.dequantized().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -109,18 +122,6 @@ def _quantize_groups(weight: torch.Tensor, bits: int, width: int):
     return codes.to(torch.uint8).view(out_features, columns), scales, zeros.to(torch.uint8)
 
 
-def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """codes uint8 [o, i], scales [o, n], zeros uint8 [o, n] -> (codes - zero) * scale [o, i] in scales' dtype."""
-    out_features, in_features = codes.shape
-    parts, group = [], 0
-    for first, groups, width in group_spans(in_features, group_size):
-        scale, zero = scales[:, group:group + groups, None], zeros[:, group:group + groups, None]  # [o, n, 1]
-        grouped = codes[:, first:first + groups * width].reshape(out_features, groups, width).to(scales.dtype)
-        parts.append(grouped.mul_(scale).sub_(zero.to(scales.dtype) * scale).view(out_features, groups * width))
-        group += groups
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [o, i] -> [o, i] (int8) or [o, ceil(i / 2)] (int4: column j low nibble, j + ceil(i / 2) high).
 
@@ -134,12 +135,27 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return codes[:, :half] | (codes[:, half:] << 4)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, in_features: int | None = None) -> torch.Tensor:
-    """Inverse of pack_codes: uint8 [o, i] (in_features drops the padding code of an odd width)."""
-    if bits == 8:
+def unpack_codes(packed: torch.Tensor, bits: int, in_features: int | None = None,
+                 columns: int | None = None) -> torch.Tensor:
+    """Inverse of pack_codes: uint8 [o, i] (in_features drops the padding code of an odd width).
+
+    columns >= i returns [o, columns] instead, zero codes after column i (room for whole groups).
+    """
+    if in_features is None:
+        in_features = packed.shape[1] * 8 // bits
+    columns = in_features if columns is None else columns
+    if bits == 8 and columns == in_features:
         return packed
-    codes = torch.cat((packed & 0xF, packed >> 4), dim=1)  # [o, 2 * ceil(i / 2)]
-    return codes if in_features is None or in_features == codes.shape[1] else codes[:, :in_features]
+    if bits == 4 and columns == in_features == 2 * packed.shape[1]:
+        return torch.cat((packed & 0xF, packed >> 4), dim=1)  # [o, i]
+    codes = torch.zeros(packed.shape[0], columns, dtype=torch.uint8, device=packed.device)  # [o, columns]
+    if bits == 8:
+        codes[:, :in_features] = packed
+        return codes
+    half = packed.shape[1]
+    codes[:, :half] = packed & 0xF
+    codes[:, half:in_features] = (packed >> 4)[:, :in_features - half]
+    return codes
 
 
 def quantize_model(model: nn.Module, quantization: str = "int4", group_size: int | None = None) -> nn.Module:

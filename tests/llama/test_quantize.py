@@ -60,7 +60,8 @@ def reference_dequantize(weight: torch.Tensor, bits: int, group_size: int) -> to
     return torch.cat(columns, dim=1).to(weight.dtype)
 
 
-@pytest.mark.parametrize("bits, width, group_size", [(4, 96, 40), (4, 75, 32), (8, 50, 128), (4, 576, 128), (4, 7, 1)])
+@pytest.mark.parametrize("bits, width, group_size", [(4, 96, 40), (4, 75, 32), (8, 50, 128), (4, 576, 128), (4, 7, 1),
+                                                        (4, 50, 4096)])
 def test_groups_that_do_not_divide_the_width_match_a_reference_dequantization(bits, width, group_size):
     linear = torch.nn.Linear(width, 24, bias=False)
     quantized = QuantizedLinear.from_linear(linear, bits, group_size)
@@ -68,6 +69,7 @@ def test_groups_that_do_not_divide_the_width_match_a_reference_dequantization(bi
     assert quantized.scales.shape == quantized.zeros.shape == (24, groups)
     assert quantized.qweight.shape == (24, -(-width * bits // 8))
     assert_close(quantized.weight, reference_dequantize(linear.weight.detach(), bits, group_size))
+    assert quantized.weight.is_contiguous()  # for code that views .weight; forward reads the strided one
     x = torch.randn(3, width)
     assert_close(quantized(x), x @ reference_dequantize(linear.weight.detach(), bits, group_size).T)
 
@@ -82,6 +84,8 @@ def test_int4_group_128_on_a_tiny_model_whose_widths_128_does_not_divide():
         quantize_model(ours, "int4", group_size=128)
         ids = torch.randint(3, 113, (2, 9))
         assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+        _, cache = ours.run_with_cache(ids)
+        assert torch.isfinite(cache.head_logit_attribution(5)).all()  # reads o_proj.weight and lm_head.weight
     assert ours.model.layers[0].mlp.down_proj.scales.shape == (192, 2)
     assert quantization_of(ours) == "int4, group_size 128"
 
