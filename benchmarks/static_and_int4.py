@@ -2,7 +2,9 @@
 
 On the default model (SmolLM2-135M-Instruct, float32): greedy decode tokens/s, the median over
 alternating rounds (every configuration runs once per round, so drifting machine load hits all
-alike), and the bytes of parameters + buffers. Prints a markdown table of ratios.
+alike), and the bytes of parameters + buffers. Prints a markdown table of ratios, then how often
+each int4 model (group_size 64, chosen; and 128, with a shorter last group on 576-wide rows) picks
+float32's next token along float32's own greedy continuation.
 
     .venv/bin/python benchmarks/static_and_int4.py [--new-tokens 48] [--rounds 5] [--no-compile] [--device cpu] [--threads N]
 """
@@ -35,15 +37,24 @@ def decode_rate(model, ids: torch.Tensor, new_tokens: int, **options) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def configurations(model, int4_model, compile_too: bool) -> dict[str, tuple]:
+def greedy_agreement(model, quantized, ids: torch.Tensor, new_tokens: int = 256) -> float:
+    """Share of float32's greedy continuation (new_tokens steps) where `quantized` picks the same next token."""
+    sequence = model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])  # [1, p + new_tokens]
+    start = ids.shape[1] - 1  # the logits that chose the first new token
+    chosen = sequence[0, ids.shape[1]:]  # [new_tokens] float32's greedy picks
+    return (quantized(sequence).logits[0, start:-1].argmax(-1) == chosen).float().mean().item()
+
+
+def configurations(model, int4_models: dict, compile_too: bool) -> dict[str, tuple]:
     runs = {
         "float32, dynamic cache": (model, {}),
         "float32, static cache": (model, {"cache_implementation": "static"}),
-        "int4, dynamic cache": (int4_model, {}),
+        **{f"{name}, dynamic cache": (int4_model, {}) for name, int4_model in int4_models.items()},
     }
+    first_name, first_int4 = next(iter(int4_models.items()))
     if compile_too:
         runs["float32, static cache, compiled"] = (model, {"compile": True})
-        runs["int4, static cache, compiled"] = (int4_model, {"compile": True})
+        runs[f"{first_name}, static cache, compiled"] = (first_int4, {"compile": True})
     return runs
 
 
@@ -83,15 +94,20 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     model, tokenizer = llamaviz.load(dtype=torch.float32, device=args.device)
-    int4_model = quantize_model(copy.deepcopy(model), "int4")
+    int4_models = {f"int4 (group {size})": quantize_model(copy.deepcopy(model), "int4", group_size=size)
+                   for size in (64, 128)}
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
-    runs = configurations(model, int4_model, compile_too=not args.no_compile)
+    runs = configurations(model, int4_models, compile_too=not args.no_compile)
     with torch.no_grad():
         rates = measure(runs, ids, args.new_tokens, args.rounds)
+        agreements = {name: greedy_agreement(model, int4_model, ids) for name, int4_model in int4_models.items()}
     sizes = {name: weight_bytes(run_model) for name, (run_model, _) in runs.items()}
     print(f"\n{llamaviz.default_model_path().name} on {args.device} ({torch.get_num_threads()} threads), "
           f"{ids.shape[1]}-token prompt, {args.new_tokens} new tokens, median of {args.rounds} rounds\n")
     print(table(rates, sizes))
+    print("\ngreedy next-token agreement with float32, along float32's 256-token greedy continuation:")
+    for name, agreement in agreements.items():
+        print(f"- {name}: {agreement:.1%}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ _LAZY = {
     "pipeline": "llamaviz.pipelines",  # the module is plural, as in transformers, so it never shadows this
     "TextStreamer": "llamaviz.streamers",
     "TextIteratorStreamer": "llamaviz.streamers",
+    "TorchAoConfig": "llamaviz.llama.quantize",
     "default_model_path": "llamaviz.checkpoints.default",
     "get_act_name": "llamaviz.llama.names",
     "FactoredMatrix": "llamaviz.llama.factored_matrix",

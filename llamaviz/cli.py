@@ -56,6 +56,8 @@ def _add_mask(commands) -> None:
     mask.add_argument("--width", type=int, metavar="COLUMNS", help="fit this many columns (default: the terminal's)")
     mask.add_argument("--scale", choices=("row", "absolute"), default="row",
                       help="weights view: shade by weight / row max (default) or by the raw weight")
+    mask.add_argument("--raw-tokens", action="store_true",
+                      help="label rows with the vocabulary's pieces ('ĠJohn') instead of their text ('␣John')")
     colors = mask.add_mutually_exclusive_group()
     colors.add_argument("--no-color", dest="color", action="store_false", default=None,
                         help="no escape codes (default: colour on a terminal unless NO_COLOR is set)")
@@ -64,8 +66,10 @@ def _add_mask(commands) -> None:
 
 def _add_run(commands) -> None:
     run = commands.add_parser(
-        "run", help="generate a continuation for each prompt read from stdin",
-        description="Read prompts from stdin, one per line, and stream each continuation to stdout. "
+        "run", help="generate text for each prompt read from stdin",
+        description="Read prompts from stdin, one per line, and stream one result per line to stdout: the "
+        "prompt followed by its continuation, as the text-generation pipeline returns it (with --chat, the "
+        "prompt is the chat-templated text). "
         'Example: echo "Plants create energy through a process known as" | llamaviz run --task text-generation')
     run.add_argument("--task", choices=TASKS, default="text-generation", help="what to run (default: %(default)s)")
     _add_model(run)
@@ -80,6 +84,8 @@ def _add_run(commands) -> None:
     run.add_argument("--seed", type=int, help="random seed for sampling")
     run.add_argument("--chat", action="store_true",
                      help="wrap each line as a user message with the tokenizer's chat template")
+    run.add_argument("--continuation-only", action="store_true",
+                     help="print only the generated continuation, not the prompt before it")
 
 
 def _add_app(commands) -> None:
@@ -113,7 +119,7 @@ def run_mask(args) -> int:
     viz = AttentionMaskVisualizer(args.model)
     text = args.text[0] if len(args.text) == 1 else args.text
     viz(text, layer=args.layer, head=args.head, past_length=args.past_length, color=args.color,
-        width=args.width, max_tokens=args.max_tokens, scale=args.scale)
+        width=args.width, max_tokens=args.max_tokens, scale=args.scale, raw_tokens=args.raw_tokens)
     return 0
 
 
@@ -134,8 +140,10 @@ def run_generation(args) -> int:
         if not prompt.strip():
             continue
         prompts += 1
-        ids = _prompt_ids(tokenizer, prompt, args.chat).to(model.device)  # [1, p]
-        model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+        text, ids = _prompt(tokenizer, prompt, args.chat)
+        if not args.continuation_only:
+            print(text, end="", flush=True)  # the pipeline's generated_text starts with the prompt
+        model.generate(ids.to(model.device), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        repetition_penalty=args.repetition_penalty, seed=args.seed, streamer=TextStreamer(tokenizer))
     if not prompts:
@@ -143,15 +151,15 @@ def run_generation(args) -> int:
     return 0
 
 
-def _prompt_ids(tokenizer, prompt: str, chat: bool):
-    """[1, p] ids of one prompt; with chat=True, of the prompt as a user turn plus the assistant header."""
+def _prompt(tokenizer, prompt: str, chat: bool):
+    """(prompt text, [1, p] ids) of one line; with chat=True, the line as a user turn plus the assistant header."""
     import torch
 
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              tokenize=False)
-        return torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
-    return torch.tensor([tokenizer.encode(prompt)])
+        return text, torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    return prompt, torch.tensor([tokenizer.encode(prompt)])
 
 
 def run_app(args) -> int:

@@ -1,5 +1,5 @@
 """The llamaviz command run as a subprocess (`python -m llamaviz`): mask printouts equal the library's,
-`run` streams model.generate's greedy text, `app --help`, and bad input -> one stderr line, exit 2.
+`run` streams the pipeline's generated_text (prompt + greedy continuation), `app --help`, and bad input -> one stderr line, exit 2.
 
 Every subprocess is started at once (a module fixture) so their start-up overlaps.
 """
@@ -58,7 +58,13 @@ def commands(tiny: Path, chat: Path, nowhere: Path, not_a_model: Path) -> dict:
         "batch_past": (["mask", "short", PROMPT, "--model", tiny, "--past-length", "2", "--max-tokens", "6",
                         *text], ""),
         "color": (["mask", PROMPT, "--model", tiny, "--color"], ""),
+        "raw_tokens": (["mask", PROMPT, "--model", tiny, "--raw-tokens", *text], ""),
         "chat": (["run", "--model", str(chat), "--chat", "--max-new-tokens", "4"], PROMPT + "\n"),
+        "chat_continuation": (["run", "--model", str(chat), "--chat", "--continuation-only", "--max-new-tokens", "4"],
+                              PROMPT + "\n"),
+        "two_lines": (["run", "--model", tiny, "--max-new-tokens", "4"], f"{PROMPT}\n{SECOND_PROMPT}\n"),
+        "two_lines_continuation": (["run", "--model", tiny, "--max-new-tokens", "4", "--continuation-only"],
+                                   f"{PROMPT}\n\n{SECOND_PROMPT}\n"),
         "app_help": (["app", "--help"], ""),
         "script_help": (["--help"], ""),  # through the console script
         "bad_missing_model": (["mask", "hi", "--model", str(nowhere)], ""),
@@ -114,34 +120,47 @@ def launched(tiny_dir, chat_dir, tmp_path_factory):
     runs.close()
 
 
-def test_run_streams_the_greedy_continuation(launched, default_gguf):
-    model, tokenizer = llamaviz.load(default_gguf)  # loads while the subprocess does the same
-    expected = ""
-    for prompt in (PROMPT, SECOND_PROMPT):
-        ids = torch.tensor([tokenizer.encode(prompt)])
-        generated = model.generate(ids, max_new_tokens=5)[0, ids.shape[1]:]
-        expected += tokenizer.decode(generated, skip_special_tokens=True) + "\n"
+def pipeline_lines(path, prompts, max_new_tokens, return_full_text=True) -> str:
+    """What the text-generation pipeline returns for each prompt (greedy), one line each."""
+    generator = llamaviz.pipeline("text-generation", model=str(path))
+    return "".join(generator(prompt, max_new_tokens=max_new_tokens, return_full_text=return_full_text)[0]
+                   ["generated_text"] + "\n" for prompt in prompts)
+
+
+def test_run_prints_the_pipelines_generated_text(launched, default_gguf):
+    expected = pipeline_lines(default_gguf, (PROMPT, SECOND_PROMPT), 5)  # loads while the subprocess does the same
     status, out, err = launched.result("generate")
     assert status == 0, err
     assert out == expected
+    assert out.startswith(PROMPT + " ")
 
 
-def test_run_chat_uses_the_template(launched, chat_dir):
+@pytest.mark.parametrize("name, full", [("two_lines", True), ("two_lines_continuation", False)])
+def test_run_two_stdin_lines_on_a_sentencepiece_model(launched, tiny_dir, name, full):
+    status, out, err = launched.result(name)
+    assert status == 0, err
+    assert out == pipeline_lines(tiny_dir, (PROMPT, SECOND_PROMPT), 4, return_full_text=full)
+    assert out.startswith(PROMPT) == full
+
+
+@pytest.mark.parametrize("name, full", [("chat", True), ("chat_continuation", False)])
+def test_run_chat_uses_the_template(launched, chat_dir, name, full):
     model, tokenizer = llamaviz.load(chat_dir)
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                          tokenize=False)
     assert text.endswith("[assistant] ")
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
     expected = tokenizer.decode(model.generate(ids, max_new_tokens=4)[0, ids.shape[1]:], skip_special_tokens=True)
-    status, out, err = launched.result("chat")
+    status, out, err = launched.result(name)
     assert status == 0, err
-    assert out == expected + "\n"
+    assert out == (text if full else "") + expected + "\n"
 
 
 @pytest.mark.parametrize("name, options", [
     ("mask", dict(color=False, width=200)),
     ("weights", dict(layer=1, head=0, color=False, width=200)),
     ("batch_past", dict(past_length=2, max_tokens=6, color=False, width=200)),
+    ("raw_tokens", dict(raw_tokens=True, color=False, width=200)),
 ])
 def test_mask_prints_what_the_library_renders(launched, tiny_dir, name, options):
     status, out, err = launched.result(name)

@@ -11,6 +11,7 @@ import torch
 from llamaviz.llama.config import LlamaConfig
 from llamaviz.llama.masks import build_mask
 from llamaviz.llama.modeling import LlamaForCausalLM
+from llamaviz.plots.tokens import display_token
 from llamaviz.terminal import (MASKED, MAY_ATTEND, PADDING, SHADES, AttentionMaskVisualizer, render_html,
                                render_mask, render_plain, render_weights)
 from llamaviz.terminal.colors import GREEN, gradient_rgb
@@ -22,6 +23,7 @@ TINY = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_l
             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.5, bos_token_id=1,
             eos_token_id=2)
 ROW = re.compile(r"^(?P<label>'.*?'|\".*?\")\s*: +(?P<position>\d+) ?(?P<cells>.*)$")
+UNMARK = str.maketrans({"␣": " ", "⏎": "\n", "⇥": "\t"})  # display_token's whitespace marks, undone
 
 
 def save_tiny(folder, tokenizer_dir, **overrides):
@@ -73,7 +75,15 @@ def test_one_row_per_token_bos_included(viz):
     ids = viz.tokenizer.encode(PROMPT)
     assert ids[0] == viz.tokenizer.bos_token_id
     [rows] = parse(viz.render(PROMPT, color=False, width=200))
-    assert [label for label, _, _ in rows] == [repr(t) for t in viz.tokenizer.convert_ids_to_tokens(ids)]
+    labels = [label for label, _, _ in rows]
+    assert labels == [repr(display_token(t)) for t in viz.tokenizer.display_tokens(ids)]  # the app's rule
+    assert labels[:3] == ["'<s>'", "'␣Pl'", "'ants'"]
+    assert "".join(eval(label) for label in labels[1:]).translate(UNMARK) == " " + PROMPT  # SentencePiece's prefix
+    [weight_rows] = parse(viz.render(PROMPT, layer=0, color=False, width=200))
+    assert [label for label, _, _ in weight_rows] == labels
+    [raw_rows] = parse(viz.render(PROMPT, raw_tokens=True, color=False, width=200))
+    assert [label for label, _, _ in raw_rows] == [repr(t) for t in viz.tokenizer.convert_ids_to_tokens(ids)]
+    assert [label for label, _, _ in raw_rows][1] == "'▁Pl'"
     assert [position for _, position, _ in rows] == list(range(len(ids)))
     mask = build_mask(len(ids))[0, 0]  # [p, k]
     for i, (_, _, [cells]) in enumerate(rows):
@@ -104,8 +114,8 @@ def test_batch_left_padding_rows_and_columns(viz):
         mask = build_mask(n, attention_mask=attention_mask)[0, 0]  # [p, k]
         assert len(rows) == n
         assert [label for label, _, _ in rows[:pad]] == ["'<pad>'"] * pad
-        tokens = viz.tokenizer.convert_ids_to_tokens(viz.tokenizer.encode(text))
-        assert [label for label, _, _ in rows[pad:]] == [repr(t) for t in tokens]
+        tokens = viz.tokenizer.display_tokens(viz.tokenizer.encode(text))
+        assert [label for label, _, _ in rows[pad:]] == [repr(display_token(t)) for t in tokens]
         for i, (_, _, [cells]) in enumerate(rows):
             assert cells[:pad] == PADDING * pad  # padding columns are distinct in every row
             assert cells.count(MAY_ATTEND) == max(0, i - pad + 1)
@@ -306,5 +316,18 @@ def test_default_model_mask_without_weights(default_gguf):
     viz = AttentionMaskVisualizer(default_gguf)
     ids = viz.tokenizer.encode(PROMPT)
     [rows] = parse(viz.render(PROMPT, color=False, width=200))
-    assert [label for label, _, _ in rows] == [repr(t) for t in viz.tokenizer.convert_ids_to_tokens(ids)]
+    assert [label for label, _, _ in rows] == [repr(display_token(t)) for t in viz.tokenizer.display_tokens(ids)]
     assert viz._model is None
+
+
+def test_byte_level_labels_are_the_tokens_text(default_gguf):
+    viz = AttentionMaskVisualizer(default_gguf)
+    text = "Ask John\tabout the bell\x07 ringing"
+    ids = viz.tokenizer.encode(text)
+    labels = [label for label, _, _ in parse(viz.render(text, color=False, width=300))[0]]
+    raw = [label for label, _, _ in parse(viz.render(text, raw_tokens=True, color=False, width=300))[0]]
+    assert "'␣John'" in labels and "'ĠJohn'" in raw and "'ĠJohn'" not in labels
+    assert raw == [repr(t) for t in viz.tokenizer.convert_ids_to_tokens(ids)]
+    assert any("\\x07" in label for label in labels)  # a control character is escaped, never printed raw
+    assert "\x07" not in viz.render(text, color=False, width=300)
+    assert "".join(eval(label) for label in labels).translate(UNMARK) == viz.tokenizer.decode(ids) == text

@@ -280,23 +280,70 @@ def test_llama2_leading_space_follows_sentencepiece(llama2, llama2_tokenizer_dir
         assert raw == [1] + llama2["spm"].encode(text)
 
 
+LEADING_WHITESPACE_TEXTS = [" Banana", "  two leading spaces", " ", "   ", "\tTab first", "\n newline first",
+                            " Hello<s> world", " a </s> b"]
+
+
+def spm_llama_decode(spm, ids, skip_special_tokens=False, special=("<s>", "</s>", "<unk>")):
+    """The reference: transformers 4.x's SentencePiece LlamaTokenizer.decode (legacy=True, add_prefix_space),
+    rebuilt from its documented rule on the sentencepiece library alone: ids -> pieces (special ids dropped
+    when skipping); the first piece loses one "▁"; runs of ordinary pieces go through spm.decode(pieces);
+    special pieces are written as they are, each one after text preceded by a space (legacy); a
+    non-word-initial piece right after a leading special piece gets a space."""
+    pieces = [spm.id_to_piece(i) for i in ids if not (skip_special_tokens and spm.id_to_piece(i) in special)]
+    if not pieces:
+        return ""
+    pieces[0] = pieces[0][1:] if pieces[0].startswith("▁") else pieces[0]
+    text, run = "", []
+    for position, piece in enumerate(pieces):
+        previous_special = position > 0 and pieces[position - 1] in special
+        if piece in special:
+            text += (" " if position > 0 and not previous_special else "") + spm.decode(run) + piece
+            run = []
+        else:
+            text += " " if previous_special and position == 1 and not piece.startswith("▁") else ""
+            run.append(piece)
+    return text + spm.decode(run)
+
+
 def test_llama2_decode_matches_transformers(llama2):
+    """LlamaTokenizer follows transformers 4.x's SentencePiece class; LlamaTokenizerFast and the lossless
+    option follow transformers 5's (tokenizers') LlamaTokenizer."""
     sp, hf = llama2["spm"], llama2["hf_slow"]
+    lossless = LlamaTokenizer.from_pretrained(llama2["slow"].name_or_path, lossless_decode=True)
     banana = hf.encode("Banana split", add_special_tokens=False)
     assert hf.convert_ids_to_tokens(banana[0]).startswith("▁")
-    for name in ("slow", "fast"):
-        ours = llama2[name]
-        assert ours.decode(banana) == hf.decode(banana) == sp.decode(banana) == "Banana split"
-        assert ours.decode([1] + banana) == hf.decode([1] + banana)
-        assert ours.decode([1] + banana, skip_special_tokens=True) == hf.decode([1] + banana, skip_special_tokens=True)
-        for text in LLAMA_TEXTS + LLAMA_SPECIAL_TEXTS:
-            ids = hf(text)["input_ids"]
+    rng = random.Random(0)
+    normal = [rng.randrange(259, 32000) for _ in range(1000)]  # byte pieces excluded: see below
+    for ours, reference in ((llama2["slow"], lambda ids, skip=False: spm_llama_decode(sp, ids, skip)),
+                            (llama2["fast"], hf.decode), (lossless, hf.decode)):
+        assert ours.decode(banana) == reference(banana) == sp.decode(banana) == "Banana split"
+        for ids in ([1] + banana, normal, *(hf(text)["input_ids"] for text in LLAMA_TEXTS + LLAMA_SPECIAL_TEXTS)):
             for skip in (False, True):
-                assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), text
-        rng = random.Random(0)
-        normal = [rng.randrange(259, 32000) for _ in range(1000)]  # byte pieces excluded: see below
-        assert ours.decode(normal) == hf.decode(normal)
+                assert ours.decode(ids, skip_special_tokens=skip) == reference(ids, skip), (type(ours), ids[:8])
         assert ours.decode(torch.tensor(normal)) == ours.decode(normal)
+
+
+@pytest.mark.parametrize("text", LEADING_WHITESPACE_TEXTS)
+def test_llama2_decode_of_leading_whitespace_follows_the_sentencepiece_rule(llama2, text):
+    """The documentation: a first token that starts a word gets no prefix space, whatever the text began with."""
+    ours, sp = llama2["slow"], llama2["spm"]
+    for ids in (ours.encode(text), ours.encode(text, add_special_tokens=False)):
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == spm_llama_decode(sp, ids, skip), ids
+    lossless = LlamaTokenizer.from_pretrained(ours.name_or_path, lossless_decode=True)
+    assert lossless.decode(lossless.encode(text.split("<")[0]), skip_special_tokens=True) == text.split("<")[0]
+
+
+def test_llama2_banana_as_documented(llama2):
+    ours = llama2["slow"]
+    assert ours.decode(ours.encode(" Banana", add_special_tokens=False)) == "Banana"
+    assert ours.decode(ours.encode("Banana", add_special_tokens=False)) == "Banana"
+    ours.lossless_decode = True
+    try:
+        assert ours.decode(ours.encode(" Banana", add_special_tokens=False)) == " Banana"
+    finally:
+        ours.lossless_decode = False
 
 
 def test_llama2_byte_fallback(llama2):
@@ -539,3 +586,7 @@ def test_display_tokens_show_the_text_each_id_stands_for(default_gguf, llama2_to
     ids = sentencepiece.encode("Banana split\n")
     assert sentencepiece.display_tokens(ids) == ["<s>", " Ban", "ana", " split", "\n"]
     assert sentencepiece.convert_ids_to_tokens(ids)[1] == "▁Ban"
+    slow = LlamaTokenizer.from_pretrained(llama2_tokenizer_dir)
+    ids = slow.encode("  two\tx")  # pieces "▁▁" "▁two" "<0x09>" "x": every space shown, bytes decoded
+    assert slow.display_tokens(ids) == ["<s>", "  ", " two", "\t", "x"]
+    assert "".join(slow.display_tokens(ids[1:])) == " " + "  two\tx"  # the dummy prefix, then the text

@@ -20,7 +20,7 @@ from .conveniences import TransformerLensMixin
 from .hook_points import HookedRootModule, HookPoint
 from .masks import attend_somewhere, build_mask
 from .outputs import BaseModelOutput, CausalLMOutput
-from .quantize import check_quantization, quantize_model
+from .quantize import quantization_request, quantize_model
 from .rope import RotaryEmbedding, rotary_embedding
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -141,16 +141,19 @@ class LlamaPreTrainedModel(CachingMixin, HookedRootModule):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa",
-                        quantization: str | None = None, group_size: int | None = None, **kwargs):
+                        quantization: str | None = None, group_size: int | None = None,
+                        quantization_config=None, **kwargs):
         """Load a HF folder, a .gguf file or a folder holding one (readers in llamaviz.checkpoints).
 
         quantization="int4" | "int8" then stores the linear weights as per-group integer codes
-        (see llamaviz.llama.quantize; group_size=None picks one that divides every layer).
+        (see llamaviz.llama.quantize; group_size=None picks one, any other size >= 1 fits every layer).
+        quantization_config=TorchAoConfig("int4_weight_only", group_size=128) says the same in
+        transformers' spelling.
         """
         from llamaviz.checkpoints import load_pretrained  # readers live outside the pure-torch model package
 
-        if quantization is not None:
-            check_quantization(quantization)  # fail before the slow load
+        # checked before the slow load
+        quantization, group_size = quantization_request(quantization, group_size, quantization_config)
         model = load_pretrained(cls, path, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                 **kwargs)
         return quantize_model(model, quantization, group_size) if quantization is not None else model

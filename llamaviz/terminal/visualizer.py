@@ -22,7 +22,7 @@ PAD_LABEL = "<pad>"  # row label of padding positions, whatever the pad token is
 class Encoded(NamedTuple):
     input_ids: torch.Tensor  # long [b, n], left-padded
     attention_mask: torch.Tensor  # long [b, n], 0 at padding
-    tokens: list[list[str]]  # b lists of n token strings (padding shown as the pad token)
+    tokens: list[list[str]]  # b lists of n row labels (padding shown as PAD_LABEL)
 
 
 class AttentionMaskVisualizer:
@@ -54,11 +54,14 @@ class AttentionMaskVisualizer:
     # ----- what gets drawn -----
 
     def render(self, text, *, layer: int | None = None, head=None, past_length: int = 0, color=None,
-               width: int | None = None, max_tokens: int | None = None, scale: str = "row", stream=None) -> str:
+               width: int | None = None, max_tokens: int | None = None, scale: str = "row", stream=None,
+               raw_tokens: bool = False) -> str:
         """The printout as a string. text: a prompt or a list of prompts (a left-padded batch).
         layer= (and head=, an index or "mean", default "mean") switches to the weights view; past_length=N
-        treats the first N tokens as already in the KV cache, so rows are only the tokens after them."""
-        encoded = self.encode(text)
+        treats the first N tokens as already in the KV cache, so rows are only the tokens after them.
+        Rows are labelled with each token's text as the app shows it (' John' as '␣John'); raw_tokens=True
+        shows the vocabulary's pieces instead ('ĠJohn', '▁John'), as transformers' visualizer does."""
+        encoded = self.encode(text, raw_tokens=raw_tokens)
         options = dict(attention_mask=encoded.attention_mask, color=color, width=width, max_tokens=max_tokens,
                        stream=stream)
         if layer is None and head is None:
@@ -72,7 +75,7 @@ class AttentionMaskVisualizer:
         return render_weights(encoded.tokens, weights, mask, title=f"Attention weights · {self.name}",
                               info=self._info(f"layer {layer}, {heads}"), scale=scale, **options)
 
-    def encode(self, text) -> Encoded:
+    def encode(self, text, raw_tokens: bool = False) -> Encoded:
         """Tokenize one prompt or a list of them, left-padding to the longest (as generation does)."""
         texts = _check_texts(text)
         ids = [self._token_ids(t) for t in texts]
@@ -80,7 +83,7 @@ class AttentionMaskVisualizer:
         pad_id = self._pad_id()
         input_ids = torch.tensor([[pad_id] * (length - len(row)) + row for row in ids])  # [b, n]
         attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in ids])  # [b, n]
-        tokens = [[PAD_LABEL] * (length - len(row)) + self._token_strings(row) for row in ids]
+        tokens = [[PAD_LABEL] * (length - len(row)) + self._token_labels(row, raw_tokens) for row in ids]
         return Encoded(input_ids, attention_mask, tokens)
 
     def mask(self, encoded: Encoded, past_length: int = 0, sliding_window="config") -> torch.Tensor:
@@ -141,12 +144,18 @@ class AttentionMaskVisualizer:
             raise ValueError(f"text {text!r:.60} gives no tokens")
         return [int(i) for i in ids]
 
-    def _token_strings(self, ids: list[int]) -> list[str]:
-        """The tokens as the vocabulary spells them (what transformers' visualizer shows)."""
+    def _token_labels(self, ids: list[int], raw_tokens: bool) -> list[str]:
+        """Row labels: each token's text with whitespace marked (plots.tokens.display_token over the
+        tokenizer's display_tokens, the app's rule), or with raw_tokens the vocabulary's pieces. The
+        renderer prints them with repr(), which escapes control characters."""
+        from llamaviz.plots.tokens import display_token
+
         convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
-        if convert is not None:
+        if raw_tokens and convert is not None:
             return [str(t) for t in convert(ids)]
-        return [self.tokenizer.decode([i]) for i in ids]
+        display = getattr(self.tokenizer, "display_tokens", None)
+        texts = display(ids) if display is not None else [self.tokenizer.decode([i]) for i in ids]
+        return [display_token(text) for text in texts]
 
     def _pad_id(self) -> int:
         """The tokenizer's pad token, else the config's, else eos, else 0 (masked out either way)."""

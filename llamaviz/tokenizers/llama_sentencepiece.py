@@ -18,14 +18,21 @@ class LlamaTokenizer(TokenizerBase):
     The text is split on special tokens first (sentencepiece itself would spell "<s>" out as
     pieces), then each stretch goes through sentencepiece. legacy=True (Llama 2, llama.cpp): every
     stretch gets SentencePiece's dummy-prefix space; legacy=False: only one at the start of the text.
-    Decoding keeps a word-initial first token unspaced ("▁Banana" -> "Banana").
+
+    decode() follows transformers' SentencePiece LlamaTokenizer (4.x) by default, since that is the
+    documented behaviour: the first piece loses one "▁" (the prefix space encoding added), so a
+    word-initial first token is unspaced ("▁Banana" -> "Banana") and a text that began with
+    whitespace comes back one space shorter (" Banana" -> "Banana", "  two" -> " two"); with
+    legacy=True a special token after text gets a space before that text's run. It is not
+    lossless. lossless_decode=True decodes through sentencepiece alone instead, so
+    decode(encode(text)) gives text back for text without special tokens (" Banana" -> " Banana").
     """
 
     vocab_file_name = "tokenizer.model"
     tokenizer_class_name = "LlamaTokenizer"
 
     def __init__(self, vocab_file=None, *, model_proto: bytes | None = None, legacy: bool = True,
-                 added_tokens: dict[str, int] | None = None, **kwargs):
+                 added_tokens: dict[str, int] | None = None, lossless_decode: bool = False, **kwargs):
         if model_proto is None:
             if vocab_file is None:
                 raise ValueError("LlamaTokenizer needs vocab_file (a tokenizer.model path) or model_proto bytes")
@@ -34,6 +41,7 @@ class LlamaTokenizer(TokenizerBase):
         self.sp_model = _processor(model_proto, vocab_file)
         self._sp_without_prefix = None
         self.legacy = bool(legacy)
+        self.lossless_decode = bool(lossless_decode)
         size = self.sp_model.get_piece_size()
         self._added = {token: index for token, index in (added_tokens or {}).items() if index >= size}
         self._added_tokens = {index: token for token, index in self._added.items()}
@@ -49,6 +57,8 @@ class LlamaTokenizer(TokenizerBase):
         self._split_ids = {token: self._token_to_id(token) for token in tokens}
         self._splitter = _splitter(tuple(sorted(self._split_ids)))
         self._special_ids = {index: token for token, index in self._split_ids.items()}
+        self._named_special_tokens = set(self.all_special_tokens)  # what transformers spells verbatim
+        self._named_special_ids = {self._token_to_id(token) for token in self._named_special_tokens}
 
     def _encode_plain(self, texts: list[str]) -> list[list[int]]:
         return [self._encode_text(text) for text in texts]
@@ -71,6 +81,47 @@ class LlamaTokenizer(TokenizerBase):
         return self._sp_without_prefix
 
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """The text of ids: transformers' SentencePiece rule, or sentencepiece alone with lossless_decode."""
+        if skip_special_tokens:
+            ids = [index for index in ids if index not in self._special_ids]
+        if self.lossless_decode:
+            return self._decode_lossless(ids)
+        parts, run = [], []
+        for index in ids:  # added (non-special) tokens cut the ids into texts decoded one by one
+            if index in self._added_tokens and index not in self._named_special_ids:
+                parts += [self._decode_pieces([self._id_to_token(i) for i in run]), self._id_to_token(index)]
+                run = []
+            else:
+                run.append(index)
+        return "".join(parts) + self._decode_pieces([self._id_to_token(i) for i in run])
+
+    def _decode_pieces(self, pieces: list[str]) -> str:
+        """transformers 4.x LlamaTokenizer.convert_tokens_to_string: pieces -> text, special pieces verbatim.
+
+        The first piece drops one "▁"; the pieces between special tokens go through sentencepiece
+        (which drops the "▁" of the first word-initial piece it sees); with legacy=True a special
+        token after text has a space put in front of that text; a piece right after a leading special
+        token that does not start a word gets a space. legacy=False decodes without the dummy prefix,
+        so only the first "▁" is dropped.
+        """
+        if pieces and pieces[0].startswith(SPIECE_UNDERLINE):
+            pieces = [pieces[0][1:], *pieces[1:]]
+        model = self.sp_model if self.legacy else self._model_without_prefix()
+        parts, run, after_special = [], [], False
+        for position, piece in enumerate(pieces):
+            if piece in self._named_special_tokens:
+                if self.legacy and position and not after_special:
+                    parts.append(" ")
+                parts += [model.decode(run), piece]
+                run, after_special = [], True
+            else:
+                if after_special and position == 1 and not piece.startswith(SPIECE_UNDERLINE):
+                    parts.append(" ")
+                run.append(piece)
+                after_special = False
+        return "".join(parts) + model.decode(run)
+
+    def _decode_lossless(self, ids: list[int]) -> str:
         """Special/added tokens spelled as is, pieces between them through sentencepiece.
 
         sentencepiece drops the dummy-prefix space of the first piece; a stretch that follows other
@@ -78,10 +129,7 @@ class LlamaTokenizer(TokenizerBase):
         """
         parts, run = [], []
         for index in ids:
-            special = index in self._special_ids
-            if special and skip_special_tokens:
-                continue
-            if special or index in self._added_tokens:
+            if index in self._special_ids or index in self._added_tokens:
                 parts.append(self._decode_run(run, after_text=bool(parts)))
                 parts.append(self._id_to_token(index))
                 run = []
@@ -95,6 +143,13 @@ class LlamaTokenizer(TokenizerBase):
             return ""
         text = self.sp_model.decode(ids)
         return " " + text if after_text and self.sp_model.id_to_piece(ids[0]).startswith(SPIECE_UNDERLINE) else text
+
+    def _display_piece(self, index: int) -> str:
+        """One piece's own text, every "▁" a space ("▁▁" -> two spaces), bytes through sentencepiece."""
+        if index in self._added_tokens:
+            return self._added_tokens[index]
+        text = self.sp_model.decode([index])  # drops the piece's first "▁", if any
+        return " " + text if self.sp_model.id_to_piece(index).startswith(SPIECE_UNDERLINE) else text
 
     def _id_to_token(self, index: int) -> str | None:
         if 0 <= index < self.sp_model.get_piece_size():

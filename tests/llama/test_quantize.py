@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from llamaviz.llama.quantize import (QuantizedLinear, pack_codes, quantization_of, quantize_model,
-                                     quantize_weight, unpack_codes, weight_bytes)
+from llamaviz.llama.quantize import (QUANTIZED_LINEARS, QuantizedLinear, TorchAoConfig, pack_codes, quantization_of,
+                                     quantize_model, quantize_weight, unpack_codes, weight_bytes)
 from tiny import hf_and_ours
 
 # A few hundred tokens of ordinary English for the top-1 agreement check.
@@ -43,6 +43,51 @@ def test_codes_round_trip_and_error_is_at_most_half_a_step(bits):
     dequantized = (codes.view(24, 3, 32).float() - zeros[..., None]) * scales[..., None]  # [o, n, g]
     error = (dequantized - weight.view(24, 3, 32)).abs()
     assert bool((error <= scales[..., None] / 2 + 1e-7).all())
+
+
+def reference_dequantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """What the codes must decode to, one group of columns at a time: round to nearest on the group's
+    [min, max] range widened to hold 0; the last group of a row is whatever width is left. float32
+    throughout, like the quantizer: GGUF-derived weights sit exactly on rounding ties."""
+    top, columns = 2 ** bits - 1, []
+    for start in range(0, weight.shape[1], group_size):
+        group = weight[:, start:start + group_size].float()  # [o, g or fewer]
+        low, high = group.min(1, keepdim=True).values.clamp(max=0), group.max(1, keepdim=True).values.clamp(min=0)
+        scale = ((high - low) / top).clamp(min=torch.finfo(torch.float32).tiny)
+        zero = (-low / scale).round().clamp(0, top)
+        codes = ((group / scale).round() + zero).clamp(0, top)
+        columns.append((codes - zero) * scale)
+    return torch.cat(columns, dim=1).to(weight.dtype)
+
+
+@pytest.mark.parametrize("bits, width, group_size", [(4, 96, 40), (4, 75, 32), (8, 50, 128), (4, 576, 128), (4, 7, 1),
+                                                        (4, 50, 4096)])
+def test_groups_that_do_not_divide_the_width_match_a_reference_dequantization(bits, width, group_size):
+    linear = torch.nn.Linear(width, 24, bias=False)
+    quantized = QuantizedLinear.from_linear(linear, bits, group_size)
+    groups = -(-width // group_size)
+    assert quantized.scales.shape == quantized.zeros.shape == (24, groups)
+    assert quantized.qweight.shape == (24, -(-width * bits // 8))
+    assert_close(quantized.weight, reference_dequantize(linear.weight.detach(), bits, group_size))
+    assert quantized.weight.is_contiguous()  # for code that views .weight; forward reads the strided one
+    x = torch.randn(3, width)
+    assert_close(quantized(x), x @ reference_dequantize(linear.weight.detach(), bits, group_size).T)
+
+
+def test_int4_group_128_on_a_tiny_model_whose_widths_128_does_not_divide():
+    """Ours quantized vs transformers holding the reference-dequantized weights (192 = 128 + 64, 200 = 128 + 72)."""
+    hf, ours = hf_and_ours("gqa", hidden_size=192, intermediate_size=200)
+    with torch.no_grad():
+        for name, module in hf.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in QUANTIZED_LINEARS:
+                module.weight.copy_(reference_dequantize(module.weight, 4, 128))
+        quantize_model(ours, "int4", group_size=128)
+        ids = torch.randint(3, 113, (2, 9))
+        assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+        _, cache = ours.run_with_cache(ids)
+        assert torch.isfinite(cache.head_logit_attribution(5)).all()  # reads o_proj.weight and lm_head.weight
+    assert ours.model.layers[0].mlp.down_proj.scales.shape == (192, 2)
+    assert quantization_of(ours) == "int4, group_size 128"
 
 
 @pytest.mark.parametrize("bits, bias", [(4, False), (4, True), (8, True)])
@@ -117,21 +162,83 @@ def test_bad_quantization_requests_are_refused():
     _, model = hf_and_ours()
     with pytest.raises(ValueError, match="quantization 'int3' is not supported; accepted: 'int4', 'int8'"):
         quantize_model(model, "int3")
-    with pytest.raises(ValueError, match="group_size 128 does not divide .*q_proj's 64 input features.*32"):
-        quantize_model(model, "int4", group_size=128)
-    with pytest.raises(ValueError, match="group_size must be a positive integer and even for int4"):
-        quantize_model(model, "int4", group_size=15)
+    for size in (0, -128, 2.5, True, "128"):
+        with pytest.raises(ValueError, match="group_size must be a positive integer"):
+            quantize_model(model, "int4", group_size=size)
     assert quantization_of(model) is None  # a refused request leaves the model untouched
     quantize_model(model, "int8")
     with pytest.raises(ValueError, match=r"already quantized \(int8, group_size 32\)"):
         quantize_model(model, "int4")
 
 
-def test_from_pretrained_rejects_an_unknown_quantization_before_loading(tmp_path):
+def test_from_pretrained_rejects_bad_requests_before_loading(tmp_path):
     from llamaviz import LlamaForCausalLM
 
+    nowhere = tmp_path / "nowhere"
     with pytest.raises(ValueError, match="quantization 'nf4' is not supported"):
-        LlamaForCausalLM.from_pretrained(tmp_path / "nowhere", quantization="nf4")
+        LlamaForCausalLM.from_pretrained(nowhere, quantization="nf4")
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        LlamaForCausalLM.from_pretrained(nowhere, quantization="int4", group_size=0)
+    with pytest.raises(ValueError, match="group_size=64 needs quantization='int4' or 'int8'"):
+        LlamaForCausalLM.from_pretrained(nowhere, group_size=64)
+    with pytest.raises(ValueError, match="either quantization=/group_size= or quantization_config="):
+        LlamaForCausalLM.from_pretrained(nowhere, quantization="int4", quantization_config=TorchAoConfig("int4_weight_only"))
+    with pytest.raises(ValueError, match="quantization_config must be a TorchAoConfig .* got str"):
+        LlamaForCausalLM.from_pretrained(nowhere, quantization_config="int4_weight_only")
+
+
+# ----- TorchAoConfig: the documentation's spelling -----
+
+def test_torchao_config_spellings():
+    import llamaviz
+
+    assert llamaviz.TorchAoConfig is TorchAoConfig
+    config = TorchAoConfig("int4_weight_only", group_size=128)
+    assert (config.quantization, config.group_size) == ("int4", 128)
+    assert TorchAoConfig("int4_weight_only").group_size == 128  # torchao's int4 default
+    assert (TorchAoConfig("int8_weight_only").quantization, TorchAoConfig("int8_weight_only").group_size) == ("int8", None)
+    with pytest.raises(ValueError, match="quant_type 'float8_weight_only' is not implemented by llamaviz; supported: "
+                                         "'int4_weight_only', 'int8_weight_only'"):
+        TorchAoConfig("float8_weight_only")
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        TorchAoConfig("int4_weight_only", group_size=0)
+    with pytest.raises(ValueError, match="accepts quant_type and group_size; layout is not supported"):
+        TorchAoConfig("int4_weight_only", layout="tile_packed")
+
+
+@pytest.mark.parametrize("quant_type, quantization", [("int4_weight_only", "int4"), ("int8_weight_only", "int8")])
+def test_quantization_config_equals_quantization(tmp_path, quant_type, quantization):
+    from llamaviz import LlamaForCausalLM
+
+    _, ours = hf_and_ours("gqa", hidden_size=192, intermediate_size=200)
+    ours.save_pretrained(tmp_path)
+    spelled = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=TorchAoConfig(quant_type, group_size=128))
+    plain = LlamaForCausalLM.from_pretrained(tmp_path, quantization=quantization, group_size=128)
+    assert quantization_of(spelled) == quantization_of(plain) == f"{quantization}, group_size 128"
+    for name, buffer in plain.named_buffers():
+        assert torch.equal(dict(spelled.named_buffers())[name], buffer), name
+
+
+def test_a_torchao_config_object_is_read_for_its_fields():
+    """torchao's Int4WeightOnlyConfig when installed; else a same-named class from a torchao module path."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig
+    except ImportError:
+        Int4WeightOnlyConfig = type("Int4WeightOnlyConfig", (), {"__module__": "torchao.quantization.quant_api",
+                                                                 "__init__": lambda self, group_size=128:
+                                                                 setattr(self, "group_size", group_size)})
+    config = TorchAoConfig(Int4WeightOnlyConfig(group_size=32))
+    assert (config.quantization, config.group_size) == ("int4", 32)
+
+
+def test_transformers_torchao_config_is_accepted():
+    torchao = pytest.importorskip("torchao", reason="transformers' TorchAoConfig needs torchao installed")
+    import transformers
+
+    from llamaviz.llama.quantize import as_torchao_config
+
+    theirs = transformers.TorchAoConfig(torchao.quantization.Int4WeightOnlyConfig(group_size=64))
+    assert (as_torchao_config(theirs).quantization, as_torchao_config(theirs).group_size) == ("int4", 64)
 
 
 # ----- the default model (SmolLM2-135M-Instruct) -----
@@ -146,8 +253,11 @@ def default_models(default_gguf):
     return float_model, int4_model, tokenizer
 
 
-def test_int4_default_model_memory_and_top1_agreement(default_models):
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_int4_default_model_memory_and_top1_agreement(default_models, group_size):
     float_model, int4_model, tokenizer = default_models
+    if group_size is not None:  # 576-wide layers: four groups of 128 and a last one of 64 per row
+        int4_model = quantize_model(copy.deepcopy(float_model), "int4", group_size=group_size)
     ratio = weight_bytes(int4_model) / weight_bytes(float_model)
     ids = torch.tensor([tokenizer.encode(ORDINARY_TEXT)])
     with torch.no_grad():
@@ -169,11 +279,15 @@ def test_int4_default_model_generates_and_caches(default_models):
     assert torch.equal(logits[0, -1].argmax(), out[0, ids.shape[1]])
 
 
-def test_default_model_explains_which_group_sizes_fit(default_models):
+def test_default_model_group_128_matches_the_reference_dequantization(default_models):
     float_model, _, _ = default_models
-    with pytest.raises(ValueError, match="group_size 128 does not divide .*576 input features; sizes that fit every "
-                                         "layer: 32, 64"):
-        quantize_model(copy.deepcopy(float_model.model.layers[0]), "int4", group_size=128)
+    layer = copy.deepcopy(float_model.model.layers[0])
+    expected = {name: reference_dequantize(getattr(layer.self_attn, name).weight.detach(), 4, 128)
+                for name in ("q_proj", "o_proj")}
+    quantize_model(layer, "int4", group_size=128)
+    assert layer.self_attn.q_proj.scales.shape == (576, 5)  # 576 = 4 * 128 + 64
+    for name, weight in expected.items():
+        assert_close(getattr(layer.self_attn, name).weight, weight)
 
 
 def test_quantize_model_equals_from_pretrained_quantization(default_models):
