@@ -70,7 +70,8 @@ class CachingMixin:
         store: dict[str, torch.Tensor] = {}
 
         def record(x: torch.Tensor, hook) -> None:
-            store[hook.name] = x.detach() if device is None else x.detach().to(device)
+            x = hook.gathered(x.detach())  # heads in global order under tensor parallelism
+            store[hook.name] = x if device is None else x.to(device)
 
         with self.hooks(fwd_hooks=[(name, record) for name in names]):
             out = self(input_ids, **forward_kwargs)

@@ -27,6 +27,11 @@ class HookPoint(nn.Module):
         self.name: str = ""
         self.fwd_fns: list[HookFn] = []
         self.bwd_fns: list[HookFn] = []
+        self.shard = None  # under tensor parallelism: the slice of heads/features this rank sees (parallel.HookShard)
+
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """The full activation: x, or under tensor parallelism every rank's slice joined in global order."""
+        return x if self.shard is None else self.shard.gathered(x)
 
     @property
     def active(self) -> bool:
@@ -129,6 +134,12 @@ class HookedRootModule(nn.Module):
         """One forward with temporary hooks; returns what forward returns."""
         with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
             return self(input_ids, **forward_kwargs)
+
+
+def held_heads(hook, heads) -> tuple[list[int], list[int]]:
+    """(global heads among `heads` this hook's activation holds, where they sit in it): all, without tensor parallelism."""
+    shard, heads = getattr(hook, "shard", None), list(heads)
+    return (heads, heads) if shard is None else shard.held(heads)
 
 
 def layer_of(name: str) -> int | None:
