@@ -31,15 +31,20 @@ def __getattr__(name: str):
 
 
 def load(path=None, dtype=None, device=None, attn_implementation: str = "sdpa", **kwargs):
-    """(model, tokenizer) from a checkpoint folder or .gguf file; None loads the default model."""
-    from .checkpoints.default import default_model_path
-    from .llama import LlamaForCausalLM
-    from .tokenizer import AutoTokenizer
+    """(model, tokenizer) from a checkpoint folder or .gguf file; None loads the default model.
 
-    path = default_model_path() if path is None else path
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, device=device,
+    The checkpoint is opened once: the tokenizer is built from what that opening found (a GGUF's
+    header is parsed once). tp_plan= and device_map= pass through to from_pretrained.
+    """
+    from .checkpoints import open_checkpoint
+    from .checkpoints.paths import model_path
+    from .llama import LlamaForCausalLM
+    from .tokenizers.loading import from_checkpoint
+
+    checkpoint = open_checkpoint(model_path(path))
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device,
                                              attn_implementation=attn_implementation, **kwargs)
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, from_checkpoint(checkpoint)
 
 
 __all__ = ["load", *_LAZY]

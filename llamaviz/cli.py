@@ -166,16 +166,9 @@ def run_app(args) -> int:
 
 def _model_path(path):
     """The --model path, checked to exist; None -> the default model's file."""
-    from pathlib import Path
+    from llamaviz.checkpoints.paths import model_path
 
-    if path is None:
-        from llamaviz.checkpoints.default import default_model_path
-
-        return default_model_path()
-    if not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"model path {path} does not exist; pass an HF checkpoint folder, a .gguf file "
-                                "or a folder holding one .gguf")
-    return path
+    return model_path(path)
 
 
 COMMANDS = {"mask": run_mask, "run": run_generation, "app": run_app}

@@ -21,8 +21,9 @@ from torch import nn
 
 from llamaviz.checkpoints.base import Checkpoint
 from llamaviz.checkpoints.gguf import GGUFCheckpoint
-from llamaviz.checkpoints.hf import WEIGHT_FILES, open_hf_folder
-from llamaviz.checkpoints.meta import MetaCheckpoint, is_meta_folder
+from llamaviz.checkpoints.hf import open_hf_folder
+from llamaviz.checkpoints.meta import MetaCheckpoint
+from llamaviz.checkpoints.paths import ACCEPTED, checkpoint_kind
 from llamaviz.llama.config import LlamaConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,33 +40,23 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     """A Checkpoint for an HF folder, a .gguf file, a folder holding one .gguf, or a Meta folder."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; expected {_ACCEPTED}")
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return GGUFCheckpoint(path)
-        if path.suffix in (".safetensors", ".bin", ".json"):
-            return open_hf_folder(path.parent)
-        raise ValueError(f"{path} is not a checkpoint file; expected {_ACCEPTED}")
-    ggufs = sorted(path.glob("*.gguf"))
-    if is_meta_folder(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; expected {ACCEPTED}")
+    kind = checkpoint_kind(path)
+    if kind is None and path.is_file():
+        raise ValueError(f"{path} is not a checkpoint file; expected {ACCEPTED}")
+    if kind is None:
+        raise FileNotFoundError(f"no weights in {path}; expected {ACCEPTED}")
+    if kind == "meta":
         return MetaCheckpoint(path)
-    if len(ggufs) == 1 and not _has_hf_weights(path):
-        return GGUFCheckpoint(ggufs[0])
-    if len(ggufs) > 1 and not _has_hf_weights(path):
+    if kind == "hf":
+        return open_hf_folder(path if path.is_dir() else path.parent)  # names the weight files it looked for
+    if path.is_file():
+        return GGUFCheckpoint(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
         raise ValueError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(f.name for f in ggufs)}); "
                          "pass the path of the one to load")
-    if (path / "config.json").is_file() or _has_hf_weights(path):
-        return open_hf_folder(path)  # names the weight files it looked for when there are none
-    raise FileNotFoundError(f"no weights in {path}; expected {_ACCEPTED}")
-
-
-_ACCEPTED = ("an HF folder (config.json with model.safetensors, model.safetensors.index.json or "
-             "pytorch_model.bin(.index.json)), a .gguf file, a folder holding one .gguf, or a Meta folder "
-             "(params.json + consolidated.*.pth)")
-
-
-def _has_hf_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for _, single, index in WEIGHT_FILES for name in (single, index))
+    return GGUFCheckpoint(ggufs[0])
 
 
 def resolve_dtype(dtype=None, checkpoint: Checkpoint | None = None) -> torch.dtype:
