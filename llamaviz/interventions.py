@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Iterable, Mapping
 
@@ -50,17 +51,20 @@ def ablate_heads(heads, mode: str = "zero", model=None, mean_cache: ActivationCa
 
 
 def _head_ablation(heads: list[int], mode: str, reference: torch.Tensor | None):
-    def hook(z: torch.Tensor, hook) -> torch.Tensor:  # z [b, p, h, d]: this rank's heads under tensor parallelism
-        held, local = held_heads(hook, heads)  # global heads this activation holds, and where
-        z = z.clone()
-        if mode == "zero":
-            z[:, :, local] = 0
-        else:
-            source = reference[:, :, held] if reference is not None else z[:, :, local]  # the reference is full
-            z[:, :, local] = source.mean(dim=(0, 1)).to(z.dtype)
-        return z
+    """The hook for ablate_heads; a partial of a module-level function, so it pickles (tensor-parallel app)."""
+    return functools.partial(_ablate, heads, mode, reference)
 
-    return hook
+
+def _ablate(heads: list[int], mode: str, reference: torch.Tensor | None, z: torch.Tensor, hook) -> torch.Tensor:
+    """z [b, p, h, d] (this rank's heads under tensor parallelism) with `heads` (global indices) ablated."""
+    held, local = held_heads(hook, heads)  # global heads this activation holds, and where
+    z = z.clone()
+    if mode == "zero":
+        z[:, :, local] = 0
+    else:
+        source = reference[:, :, held] if reference is not None else z[:, :, local]  # the reference is full
+        z[:, :, local] = source.mean(dim=(0, 1)).to(z.dtype)
+    return z
 
 
 def patch_activation(name: str, source: ActivationCache, positions: Iterable[int] | None = None):
