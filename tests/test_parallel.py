@@ -109,6 +109,7 @@ def test_two_ranks_match_one_process(tiny_folder, tmp_path):
         assert hooks["blocks.0.attn.hook_k"] == {"shape": [1, 8, 1, 16], "heads": [rank]}
         assert hooks["blocks.0.mlp.hook_post"]["heads"] == list(range(48 * rank, 48 * (rank + 1)))
         assert hooks["blocks.0.hook_resid_post"] == {"shape": [1, 8, 64], "heads": None}
+    check_led(tmp_path, tiny_folder)
 
 
 def test_the_ablated_head_changes_the_output(tiny_folder):
@@ -118,11 +119,21 @@ def test_the_ablated_head_changes_the_output(tiny_folder):
     assert not torch.allclose(reference["patched"], reference["logits"], atol=1e-4)
 
 
+def check_led(out: Path, checkpoint) -> None:
+    """The web app under torchrun: only rank 0 called the model (generate_with_cache, then a mean ablation)."""
+    got = load_file(str(out / "led0.safetensors"))
+    reference = tp_worker.led_reference(LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32))
+    assert set(got) == set(reference)
+    assert torch.equal(got["led.sequences"], reference["led.sequences"])
+    for name in set(reference) - {"led.sequences"}:
+        assert_close_to_scale(got[name], reference[name], name)
+
+
 def test_a_failing_rank_stops_the_others(tiny_folder, tmp_path):
     start = time.monotonic()
     codes, errors = launch(2, tiny_folder, tmp_path, "fail", collective_timeout_s=5)
     assert codes[1] != 0 and "rank 1 fails on purpose" in errors[1]
-    assert codes[0] != 0  # rank 0 got an error from its collective rather than waiting forever
+    assert codes[0] > 0 and "RuntimeError" in errors[0]  # rank 0's collective failed: it ended itself, unkilled
     assert time.monotonic() - start < 90
 
 
@@ -133,6 +144,7 @@ def test_three_ranks_on_the_default_model(default_gguf, tmp_path):
     assert codes == [0, 0, 0], errors
     seen = check_ranks(3, tmp_path, single_process(default_gguf))
     assert [hooks["blocks.0.attn.hook_z"]["heads"] for hooks in seen] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    check_led(tmp_path, default_gguf)
 
 
 def test_rank_counts_that_do_not_split_the_heads_are_refused():

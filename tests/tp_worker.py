@@ -3,7 +3,8 @@
     python tests/tp_worker.py CHECKPOINT OUT_FOLDER [fail]
 
 Loads CHECKPOINT with tp_plan="auto", runs the checks of test_parallel.py and writes what it saw to
-OUT_FOLDER/rank{R}.safetensors; `fail` makes rank 1 raise after loading, before its first forward.
+OUT_FOLDER/rank{R}.safetensors; then what the web app does, from rank 0 alone with the other
+ranks following its forwards, to OUT_FOLDER/led{R}.safetensors; `fail` makes rank 1 raise after loading, before its first forward.
 """
 
 import json
@@ -67,6 +68,33 @@ def seen_by_hooks(model, ids) -> dict:
     return seen
 
 
+def led_by_rank0(model) -> dict[str, torch.Tensor]:
+    """What the web app does, with only rank 0 calling the model: capture while generating, then an ablation."""
+    from llamaviz.llama.parallel_requests import follow, lead, stop_followers
+
+    if torch.distributed.get_rank() != 0:
+        follow(model)
+        return {}
+    lead(model)
+    ids = torch.tensor(PROMPT)
+    sequences, cache = model.generate_with_cache(ids, max_new_tokens=4, names_filter=lambda n: n.endswith("hook_z"))
+    layer, head = ablated_head(model.config)
+    with model.hooks(fwd_hooks=ablate_heads([(layer, head)], mode="mean", model=model, mean_cache=cache)):
+        ablated = model(sequences).logits
+    stop_followers()
+    return {"led.sequences": sequences, "led.ablated": ablated, **{f"led.{n}": t for n, t in cache.items()}}
+
+
+def led_reference(model) -> dict[str, torch.Tensor]:
+    """led_by_rank0's results computed by one process."""
+    ids = torch.tensor(PROMPT)
+    sequences, cache = model.generate_with_cache(ids, max_new_tokens=4, names_filter=lambda n: n.endswith("hook_z"))
+    layer, head = ablated_head(model.config)
+    with model.hooks(fwd_hooks=ablate_heads([(layer, head)], mode="mean", model=model, mean_cache=cache)):
+        ablated = model(sequences).logits
+    return {"led.sequences": sequences, "led.ablated": ablated, **{f"led.{n}": t for n, t in cache.items()}}
+
+
 def main() -> None:
     checkpoint, out, *flags = sys.argv[1:]
     rank = int(os.environ["RANK"])
@@ -74,7 +102,9 @@ def main() -> None:
     if "fail" in flags and rank == 1:
         raise RuntimeError("rank 1 fails on purpose")  # rank 0 is left waiting in its first all-reduce
     tensors, seen = run_checks(model)
+    led = {k: v.detach().clone() for k, v in led_by_rank0(model).items()}  # only rank 0 has results
     save_file(tensors, str(Path(out) / f"rank{rank}.safetensors"))
+    save_file(led, str(Path(out) / f"led{rank}.safetensors"))
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(seen))
     torch.distributed.destroy_process_group()
 
