@@ -158,7 +158,8 @@ def test_rank_counts_that_do_not_split_the_heads_are_refused():
 def test_tp_plan_outside_torchrun_says_how_to_launch(tiny_folder, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(RuntimeError, match=r"not started by torchrun; start the program with `torchrun --nproc-per-node N"):
+    launch_hint = r"not started by torchrun; start the program with `torchrun --nproc-per-node N"
+    with pytest.raises(RuntimeError, match=launch_hint):
         LlamaForCausalLM.from_pretrained(tiny_folder, tp_plan="auto")
     with pytest.raises(ValueError, match="tp_plan places each rank on its own device"):
         LlamaForCausalLM.from_pretrained(tiny_folder, tp_plan="auto", device="cpu")

@@ -4,7 +4,8 @@
 
 Loads CHECKPOINT with tp_plan="auto", runs the checks of test_parallel.py and writes what it saw to
 OUT_FOLDER/rank{R}.safetensors; then what the web app does, from rank 0 alone with the other
-ranks following its forwards, to OUT_FOLDER/led{R}.safetensors; `fail` makes rank 1 raise after loading, before its first forward.
+ranks following its forwards, to OUT_FOLDER/led{R}.safetensors; `fail` makes rank 1 raise after
+loading, before its first forward.
 """
 
 import json

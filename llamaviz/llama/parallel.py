@@ -184,8 +184,3 @@ def local_slice(tensor: DTensor) -> tuple[int, int, int] | None:
     rows = tensor.to_local().shape[dim]
     start = tensor.device_mesh.get_local_rank() * -(-tensor.shape[dim] // tensor.device_mesh.size())
     return dim, start, start + rows
-
-
-def is_dtensor(tensor) -> bool:
-    return isinstance(tensor, DTensor)
-
