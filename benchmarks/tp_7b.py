@@ -109,12 +109,13 @@ for _ in range({runs}):
     start = time.perf_counter()
     logits, cache = model.run_with_cache(ids, names_filter="blocks.0.attn.hook_pattern")
     times.append(time.perf_counter() - start)
-rank = int(os.environ.get("RANK", 0))
+rank = int(os.environ.get("RANK", 0))  # each process writes its own file: ranks' stdout lines interleave
 after_forward = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({{"rank": rank, "load_s": load_s, "peak_growth": peak - before,
                   "forward_peak_growth": after_forward - before,
                   "forward_s": sorted(times)[len(times) // 2], "threads": torch.get_num_threads(),
-                  "pattern_shape": list(cache["blocks.0.attn.hook_pattern"].shape)}}))
+                  "pattern_shape": list(cache["blocks.0.attn.hook_pattern"].shape)}}),
+      file=open(os.path.join({results!r}, f"{{'tp' if tp else 'single'}}{{rank}}.json"), "w"))
 """
 
 CHILD_MASK = """
@@ -140,7 +141,7 @@ def run_child(code: str, torchrun_ranks: int = 0) -> list[str]:
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if out.returncode:
         raise SystemExit(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return [line for line in out.stdout.splitlines() if line.startswith(("{", "0", "1", "2", "3"))]
+    return out.stdout.splitlines()
 
 
 def main() -> None:
@@ -154,13 +155,19 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         start = time.perf_counter()
-        total = write_checkpoint(folder, args.layers)
+        if (folder / "model.safetensors.index.json").is_file():  # --keep FOLDER from an earlier run
+            total = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        else:
+            total = write_checkpoint(folder, args.layers)
         print(f"checkpoint: {args.layers} layers of Llama-2-7B's shapes, {total / 2**30:.2f} GiB bf16, "
-              f"written in {time.perf_counter() - start:.0f} s to {folder}")
-        fields = dict(repo=str(REPO), folder=str(folder), prompt=PROMPT, runs=args.runs)
-        single = json.loads(run_child(CHILD.format(tp=False, **fields))[0])
-        ranks = [json.loads(line) for line in run_child(CHILD.format(tp=True, **fields), args.ranks)]
-        masks = [float(run_child(CHILD_MASK.format(**fields))[0]) for _ in range(args.runs)]
+              f"ready in {time.perf_counter() - start:.0f} s in {folder}")
+        results = Path(tempfile.mkdtemp(prefix="llamaviz-7b-results-"))
+        fields = dict(repo=str(REPO), folder=str(folder), prompt=PROMPT, runs=args.runs, results=str(results))
+        run_child(CHILD.format(tp=False, **fields))
+        single = json.loads((results / "single0.json").read_text())
+        run_child(CHILD.format(tp=True, **fields), args.ranks)
+        ranks = [json.loads((results / f"tp{rank}.json").read_text()) for rank in range(args.ranks)]
+        masks = [float(run_child(CHILD_MASK.format(**fields))[-1]) for _ in range(args.runs)]
         report(total, single, sorted(ranks, key=lambda r: r["rank"]), masks)
     finally:
         if not args.keep:
