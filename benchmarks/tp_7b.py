@@ -137,8 +137,13 @@ def run_child(code: str, torchrun_ranks: int = 0) -> list[str]:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun_ranks),
                    "--master-addr", "127.0.0.1", "--master-port", "29617", str(script)]
     else:
-        command = [sys.executable, "-c", code]
-    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        script, command = None, [sys.executable, "-c", code]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        if script is not None:
+            script.unlink()
     if out.returncode:
         raise SystemExit(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return out.stdout.splitlines()
@@ -153,6 +158,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="llamaviz-7b-"))
     folder.mkdir(parents=True, exist_ok=True)
+    results = None
     try:
         start = time.perf_counter()
         if (folder / "model.safetensors.index.json").is_file():  # --keep FOLDER from an earlier run
@@ -172,6 +178,8 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
+        if results is not None:
+            shutil.rmtree(results, ignore_errors=True)
 
 
 def report(total: int, single: dict, ranks: list[dict], masks: list[float]) -> None:
