@@ -73,3 +73,8 @@ def test_bad_maps_are_refused(tiny_folder):
         plan_placement(model, "sequential", torch.float32)
     with pytest.raises(ValueError, match="not a device"):
         plan_placement(model, {"": "gpu0"}, torch.float32)
+
+
+def test_device_and_device_map_together_are_refused(tiny_folder):
+    with pytest.raises(ValueError, match="pass device= or device_map=, not both"):
+        LlamaForCausalLM.from_pretrained(tiny_folder, device="cpu", device_map="auto")

@@ -163,3 +163,5 @@ def test_tp_plan_outside_torchrun_says_how_to_launch(tiny_folder, monkeypatch):
         LlamaForCausalLM.from_pretrained(tiny_folder, tp_plan="auto")
     with pytest.raises(ValueError, match="tp_plan places each rank on its own device"):
         LlamaForCausalLM.from_pretrained(tiny_folder, tp_plan="auto", device="cpu")
+    with pytest.raises(ValueError, match="quantization= and tp_plan= cannot be combined"):
+        LlamaForCausalLM.from_pretrained(tiny_folder, tp_plan="auto", quantization="int8")

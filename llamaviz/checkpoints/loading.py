@@ -119,12 +119,13 @@ def load_pretrained(model_class, path, dtype=None, device=None, attn_implementat
     dtype = resolve_dtype(dtype, checkpoint)
     config, model_kwargs = _configure(checkpoint.config, dtype, model_kwargs)
     mesh = _tensor_parallel_mesh(tp_plan, config, device, device_map)
+    placement_device = device
     device = _rank_device(mesh) if mesh is not None else resolve_device(device)
     with torch.device("meta"), _no_init_on_meta():
         model = model_class(config, attn_implementation=attn_implementation, **model_kwargs)
     if mesh is not None:
         _shard(model, mesh)
-    placement = _placement(model, device_map, dtype) if device_map is not None else None
+    placement = _placement(model, device_map, dtype, placement_device) if device_map is not None else None
     materialize(model, device, dtype, placement)
     targets = model.state_dict(keep_vars=True)
     plan, new_heads = _plan(checkpoint, model, targets, config)
@@ -197,8 +198,12 @@ def _shard(model: nn.Module, mesh) -> None:
     shard_model(model, mesh)
 
 
-def _placement(model: nn.Module, device_map, dtype: torch.dtype):
+def _placement(model: nn.Module, device_map, dtype: torch.dtype, device):
     from llamaviz.llama.placement import plan_placement
+
+    if device is not None:
+        raise ValueError(f"pass device= or device_map=, not both (got device={device!r}); device_map places "
+                         "every module itself")
 
     return plan_placement(model, device_map, dtype)
 

@@ -134,6 +134,9 @@ class LlamaPreTrainedModel(CachingMixin, HookedRootModule):
 
         if quantization is not None:
             check_quantization(quantization)  # fail before the slow load
+            if kwargs.get("tp_plan") is not None:
+                raise ValueError("quantization= and tp_plan= cannot be combined: the integer codes are not "
+                                 "sharded; load in bfloat16/float16 with tp_plan, or quantize without it")
         model = load_pretrained(cls, path, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                 **kwargs)
         return quantize_model(model, quantization, group_size) if quantization is not None else model
