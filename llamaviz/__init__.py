@@ -42,15 +42,20 @@ def __getattr__(name: str):
 
 
 def load(path=None, dtype=None, device=None, attn_implementation: str = "sdpa", **kwargs):
-    """(model, tokenizer) from a checkpoint folder or .gguf file (Llama, Mistral, Qwen2, Qwen3); None = the default."""
-    from .checkpoints.default import default_model_path
-    from .llama.variants import AutoModelForCausalLM
-    from .tokenizer import AutoTokenizer
+    """(model, tokenizer) from a checkpoint folder or .gguf file (Llama, Mistral, Qwen2, Qwen3); None = the default.
 
-    path = default_model_path() if path is None else path
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device,
-                                                 attn_implementation=attn_implementation, **kwargs)
-    model.tokenizer = AutoTokenizer.from_pretrained(path)  # to_tokens / to_str_tokens use it
+    The checkpoint is opened once: the tokenizer is built from what that opening found (a GGUF's
+    header is parsed once). tp_plan= and device_map= pass through to from_pretrained.
+    """
+    from .checkpoints import open_checkpoint
+    from .checkpoints.paths import model_path
+    from .llama import LlamaForCausalLM
+    from .tokenizers.loading import from_checkpoint
+
+    checkpoint = open_checkpoint(model_path(path))
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device,  # picks the family member
+                                             attn_implementation=attn_implementation, **kwargs)
+    model.tokenizer = from_checkpoint(checkpoint)  # to_tokens / to_str_tokens use it
     return model, model.tokenizer
 
 

@@ -129,13 +129,15 @@ def run_generation(args) -> int:
 
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    placement = {"tp_plan": "auto"} if _tensor_parallel() else {"device": args.device}  # under torchrun: sharded
     model, tokenizer = llamaviz.load(_model_path(args.model), dtype=None if args.dtype == "auto" else args.dtype,
-                                     device=args.device)
+                                     **placement)
     model.eval()
-    if sys.stdin.isatty():
+    printing = _rank() == 0  # under torchrun rank 0 reads stdin and prints; the others follow its prompts
+    if printing and sys.stdin.isatty():
         print("llamaviz: reading prompts from stdin, one per line (Ctrl-D to end)", file=sys.stderr)
     prompts = 0
-    for line in sys.stdin:
+    for line in _prompt_lines():
         prompt = line.rstrip("\r\n")
         if not prompt.strip():
             continue
@@ -145,7 +147,8 @@ def run_generation(args) -> int:
             print(text, end="", flush=True)  # the pipeline's generated_text starts with the prompt
         model.generate(ids.to(model.device), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       repetition_penalty=args.repetition_penalty, seed=args.seed, streamer=TextStreamer(tokenizer))
+                       repetition_penalty=args.repetition_penalty, seed=args.seed,
+                       streamer=TextStreamer(tokenizer) if printing else None)
     if not prompts:
         raise UsageError("no prompt on stdin: the text is empty; pipe in one prompt per line")
     return 0
@@ -168,22 +171,38 @@ def run_app(args) -> int:
     except ImportError as err:
         raise UsageError(f"the web app is not available ({err}); install it with: pip install 'llamaviz[app]'") \
             from None
+    if _tensor_parallel():  # rank 0 serves the page, the other ranks follow its requests
+        from llamaviz.app.parallel import launch_parallel
+
+        launch_parallel(str(_model_path(args.model)), args.host, args.port)
+        return 0
     launch(str(_model_path(args.model)), args.host, args.port)
     return 0
 
 
+def _tensor_parallel() -> bool:
+    """Started by torchrun with several ranks: the model is sharded over them (tp_plan="auto")."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _prompt_lines():
+    """stdin's lines; under torchrun rank 0's lines, sent to every rank."""
+    if not _tensor_parallel():
+        return sys.stdin
+    from llamaviz.llama.parallel_requests import rank0_items
+
+    return rank0_items(sys.stdin if _rank() == 0 else ())
+
+
 def _model_path(path):
     """The --model path, checked to exist; None -> the default model's file."""
-    from pathlib import Path
+    from llamaviz.checkpoints.paths import model_path
 
-    if path is None:
-        from llamaviz.checkpoints.default import default_model_path
-
-        return default_model_path()
-    if not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"model path {path} does not exist; pass an HF checkpoint folder, a .gguf file "
-                                "or a folder holding one .gguf")
-    return path
+    return model_path(path)
 
 
 COMMANDS = {"mask": run_mask, "run": run_generation, "app": run_app}

@@ -180,7 +180,8 @@ def _new_cache(model, input_ids, max_new_tokens, cache_implementation):
     if cache_implementation == "dynamic":
         return DynamicCache(initial_capacity=input_ids.shape[1] + max_new_tokens)
     cfg = model.config
-    return StaticCache(cfg.num_hidden_layers, input_ids.shape[0], cfg.num_key_value_heads, cfg.head_dim,
+    kv_heads = cfg.num_key_value_heads // getattr(model, "tp_size", 1)  # a rank's share under tensor parallelism
+    return StaticCache(cfg.num_hidden_layers, input_ids.shape[0], kv_heads, cfg.head_dim,
                        input_ids.shape[1] + max_new_tokens, model.dtype, model.device)
 
 
@@ -199,7 +200,7 @@ def generate_with_cache(model, input_ids=None, max_new_tokens: int = 20, names_f
     steps: dict[str, list[torch.Tensor]] = {name: [] for name in names}
 
     def record(x: torch.Tensor, hook) -> None:
-        steps[hook.name].append(x.detach())
+        steps[hook.name].append(hook.gathered(x.detach()))
 
     with model.hooks(fwd_hooks=[(name, record) for name in names]):
         sequences = generate(model, input_ids, max_new_tokens=max_new_tokens, cache_implementation="dynamic",

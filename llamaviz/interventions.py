@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from llamaviz.llama.activation_cache import ActivationCache
+from llamaviz.llama.hook_points import held_heads
 
 ABLATION_MODES = ("zero", "mean")
 
@@ -49,16 +51,20 @@ def ablate_heads(heads, mode: str = "zero", model=None, mean_cache: ActivationCa
 
 
 def _head_ablation(heads: list[int], mode: str, reference: torch.Tensor | None):
-    def hook(z: torch.Tensor, hook) -> torch.Tensor:  # z [b, p, h, d]
-        z = z.clone()
-        if mode == "zero":
-            z[:, :, heads] = 0
-        else:
-            source = reference if reference is not None else z
-            z[:, :, heads] = source[:, :, heads].mean(dim=(0, 1)).to(z.dtype)
-        return z
+    """The hook for ablate_heads; a partial of a module-level function, so it pickles (tensor-parallel app)."""
+    return functools.partial(_ablate, heads, mode, reference)
 
-    return hook
+
+def _ablate(heads: list[int], mode: str, reference: torch.Tensor | None, z: torch.Tensor, hook) -> torch.Tensor:
+    """z [b, p, h, d] (this rank's heads under tensor parallelism) with `heads` (global indices) ablated."""
+    held, local = held_heads(hook, heads)  # global heads this activation holds, and where
+    z = z.clone()
+    if mode == "zero":
+        z[:, :, local] = 0
+    else:
+        source = reference[:, :, held] if reference is not None else z[:, :, local]  # the reference is full
+        z[:, :, local] = source.mean(dim=(0, 1)).to(z.dtype)
+    return z
 
 
 def patch_activation(name: str, source: ActivationCache, positions: Iterable[int] | None = None):
@@ -66,11 +72,13 @@ def patch_activation(name: str, source: ActivationCache, positions: Iterable[int
 
     For activations with positions on dim 1 ([b, p, ...]); patterns/scores patch query rows (dim 2).
     """
-    donor = source[name]
+    source_value = source[name]  # full (gathered) under tensor parallelism
     query_dim = 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
     index = None if positions is None else list(positions)
 
     def hook(x: torch.Tensor, hook) -> torch.Tensor:
+        shard = getattr(hook, "shard", None)
+        donor = source_value if shard is None else shard.local(source_value)  # this rank's heads
         if index is None and donor.shape != x.shape:
             raise ValueError(f"cannot patch {name}: source shape {tuple(donor.shape)} differs from this run's "
                              f"{tuple(x.shape)}; pass positions= to patch only some positions")

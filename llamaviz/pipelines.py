@@ -36,12 +36,11 @@ def pipeline(task: str, model=None, tokenizer=None, dtype=None, device=None, tor
 
 def _load_model(model, dtype, device, model_kwargs: dict):
     from llamaviz.checkpoints import resolve_device, resolve_dtype
-    from llamaviz.checkpoints.default import default_model_path
+    from llamaviz.checkpoints.paths import model_path
     from llamaviz.llama.modeling import LlamaForCausalLM
 
     if model is None or isinstance(model, (str, Path)):
-        path = default_model_path() if model is None else model
-        return LlamaForCausalLM.from_pretrained(path, dtype=dtype, device=device, **model_kwargs)
+        return LlamaForCausalLM.from_pretrained(model_path(model), dtype=dtype, device=device, **model_kwargs)
     if not hasattr(model, "generate"):
         raise ValueError(f"model must be a checkpoint path, None (the default model) or a LlamaForCausalLM; "
                          f"got {type(model).__name__}")

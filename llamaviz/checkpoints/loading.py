@@ -21,8 +21,9 @@ from torch import nn
 
 from llamaviz.checkpoints.base import Checkpoint
 from llamaviz.checkpoints.gguf import GGUFCheckpoint
-from llamaviz.checkpoints.hf import WEIGHT_FILES, open_hf_folder
-from llamaviz.checkpoints.meta import MetaCheckpoint, is_meta_folder
+from llamaviz.checkpoints.hf import open_hf_folder
+from llamaviz.checkpoints.meta import MetaCheckpoint
+from llamaviz.checkpoints.paths import ACCEPTED, checkpoint_kind
 from llamaviz.llama.config import LlamaConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,33 +40,23 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     """A Checkpoint for an HF folder, a .gguf file, a folder holding one .gguf, or a Meta folder."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; expected {_ACCEPTED}")
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return GGUFCheckpoint(path)
-        if path.suffix in (".safetensors", ".bin", ".json"):
-            return open_hf_folder(path.parent)
-        raise ValueError(f"{path} is not a checkpoint file; expected {_ACCEPTED}")
-    ggufs = sorted(path.glob("*.gguf"))
-    if is_meta_folder(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; expected {ACCEPTED}")
+    kind = checkpoint_kind(path)
+    if kind is None and path.is_file():
+        raise ValueError(f"{path} is not a checkpoint file; expected {ACCEPTED}")
+    if kind is None:
+        raise FileNotFoundError(f"no weights in {path}; expected {ACCEPTED}")
+    if kind == "meta":
         return MetaCheckpoint(path)
-    if len(ggufs) == 1 and not _has_hf_weights(path):
-        return GGUFCheckpoint(ggufs[0])
-    if len(ggufs) > 1 and not _has_hf_weights(path):
+    if kind == "hf":
+        return open_hf_folder(path if path.is_dir() else path.parent)  # names the weight files it looked for
+    if path.is_file():
+        return GGUFCheckpoint(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
         raise ValueError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(f.name for f in ggufs)}); "
                          "pass the path of the one to load")
-    if (path / "config.json").is_file() or _has_hf_weights(path):
-        return open_hf_folder(path)  # names the weight files it looked for when there are none
-    raise FileNotFoundError(f"no weights in {path}; expected {_ACCEPTED}")
-
-
-_ACCEPTED = ("an HF folder (config.json with model.safetensors, model.safetensors.index.json or "
-             "pytorch_model.bin(.index.json)), a .gguf file, a folder holding one .gguf, or a Meta folder "
-             "(params.json + consolidated.*.pth)")
-
-
-def _has_hf_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for _, single, index in WEIGHT_FILES for name in (single, index))
+    return GGUFCheckpoint(ggufs[0])
 
 
 def resolve_dtype(dtype=None, checkpoint: Checkpoint | None = None) -> torch.dtype:
@@ -115,26 +106,38 @@ def _check_available(device: torch.device) -> None:
 
 
 def load_pretrained(model_class, path, dtype=None, device=None, attn_implementation: str = "sdpa",
-                    progress=None, **model_kwargs):
+                    progress=None, tp_plan=None, device_map=None, **model_kwargs):
     """Build `model_class` on the meta device and fill it from the checkpoint at `path`, one tensor at a time.
 
     LlamaForCausalLM stands for the whole family: it becomes the variant the checkpoint's config names
     (MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM). Keyword arguments naming config fields (e.g. num_labels=3) override the config; the rest go
     to the model's constructor. progress: True/False forces the stderr bar; None shows it above 500 MB;
     a callable `fn(fraction, text)` is told instead (the web app's progress bar).
+    tp_plan="auto" shards the model over the torch.distributed ranks (llamaviz.llama.parallel), each
+    rank reading only its slices; device_map places whole layers on devices (llamaviz.llama.placement).
     """
     checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     model_class = family_class(model_class, checkpoint)
-    dtype, device = resolve_dtype(dtype, checkpoint), resolve_device(device)
+    dtype = resolve_dtype(dtype, checkpoint)
     config, model_kwargs = _configure(checkpoint.config, dtype, model_kwargs)
+    mesh = _tensor_parallel_mesh(tp_plan, config, device, device_map)
+    placement_device = device
+    device = _rank_device(mesh) if mesh is not None else resolve_device(device)
     with torch.device("meta"), _no_init_on_meta():
         model = model_class(config, attn_implementation=attn_implementation, **model_kwargs)
-    materialize(model, device, dtype)
+    if mesh is not None:
+        _shard(model, mesh)
+    placement = _placement(model, device_map, dtype, placement_device) if device_map is not None else None
+    materialize(model, device, dtype, placement)
     targets = model.state_dict(keep_vars=True)
     plan, new_heads = _plan(checkpoint, model, targets, config)
     _fill(checkpoint, targets, plan, progress)
     _init_new_heads(targets, new_heads, config.initializer_range)
     model.post_load()
+    if placement is not None:
+        from llamaviz.llama.placement import move_between_devices
+
+        move_between_devices(model, placement)
     model.eval()
     model.name_or_path = config.name_or_path
     return model
@@ -158,23 +161,71 @@ def family_class(model_class, checkpoint: Checkpoint):
     return model_class
 
 
-def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, placement=None) -> None:
     """Give every meta parameter (in `dtype`) and buffer uninitialised storage on `device`; shared ones stay shared.
 
     What model.to(dtype).to_empty(device) does, without the Python reference ops those route meta
-    tensors through (their first use imports sympy: ~1 s).
+    tensors through (their first use imports sympy: ~1 s). A tensor-parallel parameter (DTensor) gets
+    storage for this rank's shard only; `placement` (a Placement) picks each module's device instead.
     """
     fresh: dict[int, torch.Tensor] = {}
-    for module in model.modules():
+    for module_name, module in model.named_modules():
+        where = placement.device_of(module_name) if placement is not None else device
         for slots, is_param in ((module._parameters, True), (module._buffers, False)):
             for name, tensor in slots.items():
                 if tensor is None or not tensor.is_meta:
                     continue
                 if id(tensor) not in fresh:
                     kind = dtype if is_param and tensor.is_floating_point() else tensor.dtype
-                    empty = torch.empty(tensor.shape, dtype=kind, device=device)
+                    empty = _empty(tensor, kind, where)
                     fresh[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if is_param else empty
                 slots[name] = fresh[id(tensor)]
+
+
+def _empty(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if type(tensor).__name__ == "DTensor":  # only tensor-parallel models hold these; no import otherwise
+        from llamaviz.llama.parallel import empty_like_dtensor
+
+        return empty_like_dtensor(tensor, dtype, device)
+    return torch.empty(tensor.shape, dtype=dtype, device=device)
+
+
+def _tensor_parallel_mesh(tp_plan, config: LlamaConfig, device, device_map):
+    """The device mesh for tp_plan (None without one), after checking the plan fits the model and the call."""
+    if tp_plan is None:
+        return None
+    from llamaviz.llama import parallel
+
+    if device is not None or device_map is not None:
+        raise ValueError("tp_plan places each rank on its own device (cuda:LOCAL_RANK under nccl, else the CPU); "
+                         "drop device= and device_map=")
+    if tp_plan not in parallel.TP_PLANS:
+        raise ValueError(f"tp_plan {tp_plan!r} is not supported; accepted: 'auto' or None")
+    mesh = parallel.init_tensor_parallel()
+    parallel.check_tp(config, mesh.size(), tp_plan)
+    return mesh
+
+
+def _rank_device(mesh) -> torch.device:
+    from llamaviz.llama.parallel import rank_device
+
+    return rank_device(mesh)
+
+
+def _shard(model: nn.Module, mesh) -> None:
+    from llamaviz.llama.parallel import shard_model
+
+    shard_model(model, mesh)
+
+
+def _placement(model: nn.Module, device_map, dtype: torch.dtype, device):
+    from llamaviz.llama.placement import plan_placement
+
+    if device is not None:
+        raise ValueError(f"pass device= or device_map=, not both (got device={device!r}); device_map places "
+                         "every module itself")
+
+    return plan_placement(model, device_map, dtype)
 
 
 @contextlib.contextmanager
@@ -299,8 +350,11 @@ def _fill(checkpoint: Checkpoint, targets: dict, plan: dict, progress) -> None:
     callback = progress if callable(progress) else None
     enabled = progress if isinstance(progress, bool) else (callback is None and total > PROGRESS_MIN_BYTES)
     bar = ProgressBar(total, f"Loading {checkpoint.path.name}", enabled=enabled, callback=callback)
+    sharded = {name: key for name, key in plan.items() if type(targets[key]).__name__ == "DTensor"}
     with torch.no_grad():
-        for name, tensor in checkpoint.tensors(plan):
+        if sharded:
+            _fill_shards(checkpoint, targets, sharded, bar)
+        for name, tensor in checkpoint.tensors([name for name in plan if name not in sharded]):
             target = targets[plan[name]]
             if tensor.shape != target.shape:  # the file's header promised another shape
                 raise ValueError(f"{name} in {checkpoint.infos[name].file} holds shape {tuple(tensor.shape)}, "
@@ -311,6 +365,22 @@ def _fill(checkpoint: Checkpoint, targets: dict, plan: dict, progress) -> None:
                 target.copy_(tensor)
             bar.update(checkpoint.infos[name].nbytes)
     bar.close()
+
+
+def _fill_shards(checkpoint: Checkpoint, targets: dict, sharded: dict, bar: "ProgressBar") -> None:
+    """Tensor-parallel parameters: read only this rank's slice of each (llamaviz.checkpoints.slices)."""
+    from llamaviz.checkpoints.slices import read_slice
+    from llamaviz.llama.parallel import local_slice
+
+    for name, key in sharded.items():
+        local = targets[key].to_local()
+        where = local_slice(targets[key])
+        piece = read_slice(checkpoint, name, *where) if where is not None else next(iter(checkpoint.tensors([name])))[1]
+        if piece.shape != local.shape:
+            raise ValueError(f"{name} in {checkpoint.infos[name].file}: this rank's slice has shape "
+                             f"{tuple(piece.shape)}, expected {tuple(local.shape)}; the file is corrupt")
+        local.copy_(piece)
+        bar.update(checkpoint.infos[name].nbytes)
 
 
 def _init_new_heads(targets: dict, keys: list[str], std: float) -> None:

@@ -118,8 +118,20 @@ class LlamaAttention(nn.Module):
         return self.o_proj(z.reshape(b, p, self.num_heads * self.head_dim)), pattern
 
     def head_results(self, z: torch.Tensor) -> torch.Tensor:
-        """o_proj written per head: z [b, p, h, d] -> hook_result [b, p, h, m], summed to [b, p, m] (+ bias once)."""
-        w_o = self.o_proj.weight.view(-1, self.num_heads, self.head_dim)  # [m, h, d]
+        """o_proj written per head: z [b, p, h, d] -> hook_result [b, p, h, m], summed to [b, p, m] (+ bias once).
+
+        Under tensor parallelism z holds this rank's heads and o_proj's weight its columns; the ranks'
+        partial sums are added up (hook_result.shard.summed) before the bias.
+        """
+        weight, bias = (_local(t) for t in (self.o_proj.weight, self.o_proj.bias))
+        w_o = weight.view(-1, z.shape[2], self.head_dim)  # [m, h, d]
         result = self.hook_result(torch.einsum("bphd,mhd->bphm", z, w_o.to(z.dtype)))  # [b, p, h, m]
         out = result.sum(dim=2)
-        return out + self.o_proj.bias if self.o_proj.bias is not None else out
+        if self.hook_result.shard is not None:
+            out = self.hook_result.shard.summed(out)
+        return out + bias if bias is not None else out
+
+
+def _local(tensor):
+    """A sharded parameter's local part (DTensor.to_local), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

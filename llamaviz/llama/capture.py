@@ -81,7 +81,8 @@ class CachingMixin:
         store: dict[str, torch.Tensor] = {}
 
         def record(x: torch.Tensor, hook) -> None:
-            store[hook.name] = x.detach() if device is None else x.detach().to(device)
+            x = hook.gathered(x.detach())  # heads in global order under tensor parallelism
+            store[hook.name] = x if device is None else x.to(device)
 
         if self.tl_return_type is not None:
             forward_kwargs.setdefault("return_type", self.tl_return_type)

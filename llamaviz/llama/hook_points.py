@@ -27,6 +27,11 @@ class HookPoint(nn.Module):
         self.name: str = ""
         self.fwd_fns: list[HookFn] = []
         self.bwd_fns: list[HookFn] = []
+        self.shard = None  # under tensor parallelism: the slice of heads/features this rank sees (parallel.HookShard)
+
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """The full activation: x, or under tensor parallelism every rank's slice joined in global order."""
+        return x if self.shard is None else self.shard.gathered(x)
 
     @property
     def active(self) -> bool:
@@ -181,6 +186,12 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def held_heads(hook, heads) -> tuple[list[int], list[int]]:
+    """(global heads among `heads` this hook's activation holds, where they sit in it): all, without tensor parallelism."""
+    shard, heads = getattr(hook, "shard", None), list(heads)
+    return (heads, heads) if shard is None else shard.held(heads)
 
 
 def layer_of(name: str) -> int | None:

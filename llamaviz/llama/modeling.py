@@ -154,6 +154,9 @@ class LlamaPreTrainedModel(CachingMixin, HookedRootModule):
 
         # checked before the slow load
         quantization, group_size = quantization_request(quantization, group_size, quantization_config)
+        if quantization is not None and kwargs.get("tp_plan") is not None:
+            raise ValueError("quantization= and tp_plan= cannot be combined: the integer codes are not "
+                             "sharded; load in bfloat16/float16 with tp_plan, or quantize without it")
         model = load_pretrained(cls, path, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                 **kwargs)
         return quantize_model(model, quantization, group_size) if quantization is not None else model

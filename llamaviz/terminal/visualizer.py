@@ -178,14 +178,11 @@ def _check_texts(text) -> list[str]:
 def _open(path):
     """(path, config, tokenizer path) from a checkpoint path; None is the default model. Reads no weights."""
     from llamaviz.checkpoints import open_checkpoint
+    from llamaviz.checkpoints.paths import model_path
 
-    if path is None:
-        from llamaviz.checkpoints.default import default_model_path
-
-        path = default_model_path()
-    if not isinstance(path, (str, Path)):
+    if path is not None and not isinstance(path, (str, Path)):
         raise ValueError(f"path_or_model must be a checkpoint path or a loaded model, got {type(path).__name__}")
-    checkpoint = open_checkpoint(path)
+    checkpoint = open_checkpoint(model_path(path))
     return checkpoint.path, checkpoint.config, checkpoint.tokenizer_path
 
 

@@ -63,9 +63,18 @@ def load(path, tokenizer_class=None, **overrides):
     return build(source.path, **kwargs)
 
 
-def _from_gguf(path: Path, tokenizer_class, overrides: dict):
-    """LlamaTokenizerFast for a "gpt2" vocabulary, LlamaTokenizer for a "llama" one."""
-    fields = gguf_vocab.read_tokenizer_fields(path)
+def from_checkpoint(checkpoint, tokenizer_class=None, **overrides):
+    """The tokenizer of an opened checkpoint: a GGUF's from the header already parsed, else from its folder."""
+    metadata = getattr(checkpoint, "metadata", None)
+    if checkpoint.format == "gguf" and metadata is not None:
+        fields = {key: value for key, value in metadata.items() if key.startswith("tokenizer.")}
+        return _from_gguf(checkpoint.path, tokenizer_class, overrides, fields)
+    return load(checkpoint.tokenizer_path, tokenizer_class, **overrides)
+
+
+def _from_gguf(path: Path, tokenizer_class, overrides: dict, fields: dict | None = None):
+    """LlamaTokenizerFast for a "gpt2" vocabulary, LlamaTokenizer for a "llama" one; `fields` spares a re-read."""
+    fields = gguf_vocab.read_tokenizer_fields(path) if fields is None else fields
     model = gguf_vocab.tokenizer_model(fields, path)
     wanted = LlamaTokenizerFast if model == "gpt2" else LlamaTokenizer
     if tokenizer_class is not None and not issubclass(tokenizer_class, wanted):
