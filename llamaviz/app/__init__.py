@@ -8,6 +8,7 @@ export.py compute what the tabs show from a run's activations.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import gradio  # noqa: F401  (the [app] extra: fail at import, where `llamaviz app` reports it)
@@ -16,6 +17,7 @@ __all__ = ["build_app", "launch"]
 
 log = logging.getLogger("llamaviz.app")
 CONCURRENCY = 4  # events of one kind running at once; forwards that use hooks still take turns per model
+SESSIONS_KEPT = 64  # browser sessions whose page values Gradio keeps (the oldest are dropped past this)
 
 
 def build_app(model_path: str | None = None):
@@ -40,8 +42,16 @@ def launch(model_path: str | None = None, host: str = "127.0.0.1", port: int = 7
         threading.Thread(target=_preload, args=(REGISTRY, preselected), daemon=True).start()
     demo.queue(default_concurrency_limit=CONCURRENCY)
     launch_kwargs.pop("share", None)
+    launch_kwargs.setdefault("state_session_capacity", SESSIONS_KEPT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` closes the server and removes the exports
     return demo.launch(server_name=host, server_port=port, share=False, **style_arguments("launch"),
                        **launch_kwargs)
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM as Ctrl-C: Gradio closes the server, then the exit handlers delete the export folder."""
+    raise KeyboardInterrupt
 
 
 def _preload(registry, path: str) -> None:

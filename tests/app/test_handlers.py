@@ -35,6 +35,11 @@ def run_generate(state, path, prompt, **settings):
                                   s["top_k"], s["top_p"], s["seed"], s["do_sample"], progress=quiet))
 
 
+def ablated(*inputs):
+    """The last outputs of the Ablate handler (a generator: it may first say it waits for the model)."""
+    return list(handlers.ablate(*inputs))[-1]
+
+
 def is_error(html: str) -> bool:
     return isinstance(html, str) and "lv-error" in html
 
@@ -236,7 +241,7 @@ def test_markup_in_a_prompt_is_escaped_wherever_html_is_built(path):
 
 def test_views_without_a_run_ask_to_generate_first():
     for result in (handlers.draw_attention(None, 0, 0, False, False, False), handlers.draw_lens(None, None),
-                   handlers.ablate(None, "1.1", [], "zero", ""), handlers.export_cache(None)):
+                   ablated(None, "1.1", [], "zero", ""), handlers.export_cache(None)):
         assert is_error(result[-1]) and "Generate first" in result[-1]
 
 
@@ -244,8 +249,8 @@ def test_out_of_range_layer_and_head_are_reported(session):
     state = session[0]
     assert "30 layers, 0..29" in handlers.draw_attention(state, 30, 0, False, False, False)[-1]
     assert "9 heads per layer, 0..8" in handlers.draw_attention(state, 0, 9, False, False, False)[-1]
-    assert "9 heads per layer, 0..8" in handlers.ablate(state, "2.9", [], "zero", "")[-1]
-    assert "cannot read" in handlers.ablate(state, "2.x", [], "zero", "")[-1]
+    assert "9 heads per layer, 0..8" in ablated(state, "2.9", [], "zero", "")[-1]
+    assert "cannot read" in ablated(state, "2.x", [], "zero", "")[-1]
     figure, _, status = handlers.draw_attention(state, 2.0, 1.0, False, False, False)  # sliders may send floats
     assert status == gr.skip() and figure.layout.title.text == handlers.draw_attention(
         state, 2, 1, False, False, False)[0].layout.title.text
@@ -372,7 +377,7 @@ def test_activation_tabs(session, reference):
 
 def test_zero_ablation_matches_a_hand_written_hook(session, entry):
     state = session[0]
-    table, summary, message = handlers.ablate(state, "3.1", ["L5H7"], "zero", "")
+    table, summary, message = ablated(state, "3.1", ["L5H7"], "zero", "")
     assert "Ablated L3H1, L5H7" in message
 
     def knock_out(head):
@@ -386,15 +391,15 @@ def test_zero_ablation_matches_a_hand_written_hook(session, entry):
     with entry.lock, torch.no_grad():
         clean = entry.model(ids).logits[0, -1].softmax(-1)
         with entry.model.hooks(fwd_hooks=[("blocks.3.attn.hook_z", knock_out(1)), ("blocks.5.attn.hook_z", knock_out(7))]):
-            ablated = entry.model(ids).logits[0, -1].softmax(-1)
+            knocked = entry.model(ids).logits[0, -1].softmax(-1)
     np.testing.assert_allclose(table["p before"], clean.topk(10).values.numpy(), atol=1e-4)
-    np.testing.assert_allclose(table["p after"], ablated.topk(10).values.numpy(), atol=1e-4)
+    np.testing.assert_allclose(table["p after"], knocked.topk(10).values.numpy(), atol=1e-4)
     assert "logit" in summary and "KL" in summary
 
 
 def test_ablation_tracks_a_chosen_token(session, entry):
     state = session[0]
-    _, summary, message = handlers.ablate(state, "0.0 0.1 0.2", [], "mean", " mat")
+    _, summary, message = ablated(state, "0.0 0.1 0.2", [], "mean", " mat")
     token = entry.tokenizer(" mat", add_special_tokens=False)["input_ids"][0]
     assert f"(id {token})" in summary and "mean" in message
 
