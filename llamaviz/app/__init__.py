@@ -7,6 +7,8 @@ export.py compute what the tabs show from a run's activations.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import signal
 import threading
@@ -36,6 +38,7 @@ def launch(model_path: str | None = None, host: str = "127.0.0.1", port: int = 7
     from .layout import style_arguments
     from .models import REGISTRY
 
+    release_freed_memory()
     demo = build_app(model_path)
     preselected = demo.llamaviz_model_path
     if preselected:  # load in the background: the page is up at once and the first Generate waits for it
@@ -47,6 +50,26 @@ def launch(model_path: str | None = None, host: str = "127.0.0.1", port: int = 7
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` closes the server and removes the exports
     return demo.launch(server_name=host, server_port=port, share=False, **style_arguments("launch"),
                        **launch_kwargs)
+
+
+def release_freed_memory() -> bool:
+    """Make glibc hand large freed blocks back to the system (True when it took the settings).
+
+    Runs allocate and free activations of hundreds of MB; with glibc's default sliding mmap
+    threshold those land in the heap after the first free and stay there as slack. A fixed 1 MiB
+    threshold keeps every large tensor in its own mapping, returned on free; two arenas (instead
+    of eight per core) keep the request threads from each holding their own slack.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        settings = [(_M_MMAP_THRESHOLD, 2**20), (_M_TRIM_THRESHOLD, 2**24), (_M_ARENA_MAX, 2)]
+        return all(libc.mallopt(option, value) == 1 for option, value in settings)
+    except (OSError, AttributeError, TypeError):  # not glibc: the allocator keeps its own policy
+        return False
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters of glibc's malloc.h
 
 
 def _interrupt(signum, frame) -> None:

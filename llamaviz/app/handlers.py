@@ -15,7 +15,7 @@ import gradio as gr
 from . import export, intervene, views
 from .generating import Generation, encode_prompt, has_chat_template, token_budget
 from .models import REGISTRY
-from .state import BrowserState, Settings, release_state
+from .state import BrowserState, Settings, release_state, trim_heap
 
 log = logging.getLogger("llamaviz.app")
 USER_ERRORS = (ValueError, KeyError, IndexError, MemoryError, FileNotFoundError, OSError, NotImplementedError)
@@ -134,6 +134,7 @@ def generate(state, model_path, prompt, chat_template, max_new_tokens, temperatu
         return
     finally:
         state.finish(stop)  # also ends the worker if this generator is closed early (tab closed, cancelled)
+        trim_heap()  # the forward's scratch memory goes back to the system
     if not state.is_current(stop):  # a newer Generate of this page took over: it keeps its own run
         run.release()
         yield gr.skip(), gr.skip(), state

@@ -9,7 +9,11 @@ so a second Generate in a session stops the first one and only the newest run is
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import itertools
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,7 +25,8 @@ from . import files
 
 MAX_NEW_TOKENS = 512  # the settings slider's upper end
 MAX_SEQUENCE = 512  # prompt + continuation: patterns are [layers, h, T, T], so T is capped
-LIVE_RUNS_BYTES = 3 * 2**30  # activations + memoised views all sessions may hold together
+LIVE_RUNS_ENV = "LLAMAVIZ_LIVE_RUNS_MB"  # overrides the budget below (MiB)
+LIVE_RUNS_BYTES = int(os.environ.get(LIVE_RUNS_ENV) or 3072) * 2**20  # activations + memoised views of all sessions
 SESSION_TTL_S = 3600  # a session's run is freed this long after its last Generate, even if the tab stays open
 SEED_LIMIT = 2**63  # seeds are 0..2**63 - 1 (torch.Generator.manual_seed takes a signed 64-bit int)
 FLOAT_EXACT = 2**53  # above this a float no longer holds every whole number
@@ -159,6 +164,25 @@ class Run:
         files.remove_run_folder(self.run_id)
 
 
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the allocator's free pages back to the system (glibc malloc_trim; nothing elsewhere).
+
+    A Generate allocates and frees hundreds of MB of activations; without this the freed pages stay
+    in the process as slack and RSS creeps up session after session.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class RunBudget:
     """Keeps the activations of all live runs under `max_bytes`, dropping the oldest first."""
 
@@ -176,10 +200,14 @@ class RunBudget:
         """Release the oldest runs until the total is under budget (called after a run's memo grows)."""
         with self._lock:
             total = sum(r.nbytes() for r in self._runs)
+            released = False
             while total > self.max_bytes and len(self._runs) > 1:
                 oldest = self._runs.popleft()
                 total -= oldest.nbytes()
                 oldest.release()
+                released = True
+        if released:
+            trim_heap()
 
     def total(self) -> int:
         """Bytes all live runs hold now."""
