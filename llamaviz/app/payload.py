@@ -63,7 +63,8 @@ def compact_heatmap(trace: go.Heatmap, limit: int, log_scale: bool) -> int:
         custom, hover = None, _CUSTOM.sub("%{z", hover)
     if block > 1:
         hover = hover.replace("weight", f"max weight over {block}x{block} positions", 1)
-    trace.update(z=max_pool(z, block).astype(np.float32), customdata=custom, hovertemplate=hover or None)
+    _replace_z(trace, max_pool(z, block).astype(np.float32))
+    trace.update(customdata=custom, hovertemplate=hover or None)
     if trace.x is not None:
         trace.update(x=pooled_labels(list(trace.x), block))
     if trace.y is not None:
@@ -85,8 +86,14 @@ def float32_traces(fig: go.Figure) -> go.Figure:
     """z of every heatmap as float32 (half the bytes of float64; no pooling)."""
     for trace in fig.data:
         if trace.type == "heatmap" and trace.z is not None:
-            trace.update(z=np.asarray(trace.z, dtype=np.float32))
+            _replace_z(trace, np.asarray(trace.z, dtype=np.float32))
     return fig
+
+
+def _replace_z(trace: go.Heatmap, z: np.ndarray) -> None:
+    """Set z to a new dtype: plotly skips an assignment whose values equal the old ones, dtype and all."""
+    trace.z = None
+    trace.z = z
 
 
 def json_bytes(value) -> int:
