@@ -170,6 +170,7 @@ def show_run(state, layer, head, mean, drop_first, log_scale, score):
     picked = "mean" if mean else min(int(head), config.num_attention_heads - 1)
     try:
         views.warm_attention(run, layer, drop_first, log_scale)
+        views.warm_lens(run)
         figures = (views.attention_figure(run, layer, picked, drop_first, log_scale),
                    views.head_grid_figure(run, layer, drop_first, log_scale), views.overview_figure(run, score))
     except Exception as err:

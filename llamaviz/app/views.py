@@ -207,6 +207,21 @@ def lens_table(run: Run, start=None) -> tuple[torch.Tensor, list[list[str]], lis
     return memo(run, ("lens-table", start), compute)
 
 
+def warm_lens(run: Run) -> threading.Thread:
+    """Compute the logit lens of the last positions in the background after a run (the costliest view:
+    a full-vocabulary readout per layer), so opening its tab answers at once even while the CPU is busy."""
+    def work() -> None:
+        if run.cache is not None:
+            try:
+                logit_lens_figure(run)
+            except ValueError:  # released meanwhile: the tab reports it when opened
+                pass
+
+    thread = threading.Thread(target=work, name="llamaviz-warm-lens", daemon=True)
+    thread.start()
+    return thread
+
+
 def logit_lens_figure(run: Run, start=None) -> go.Figure:
     start, _ = lens_window(run, start)
     return memo(run, ("lens", start), lambda: plots.logit_lens(*lens_table(run, start)))

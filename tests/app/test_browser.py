@@ -257,3 +257,46 @@ def test_stop_ends_a_long_generation(browser, server):
     page.click("#stop")
     assert "Stopped" in wait_for_status(page, "Stopped")
     page.context.close()
+
+
+# Click an element, resolve with the ms until `done` (a JS expression) holds; both run inside the page.
+TIMED_JS = """([click, done]) => new Promise(resolve => {
+  const start = performance.now();
+  eval(click);
+  const check = () => eval(done) ? resolve(performance.now() - start) : requestAnimationFrame(check);
+  requestAnimationFrame(check);
+})"""
+TAB_BUTTON = "[...document.querySelectorAll('button[role=tab]')].find(b => b.innerText.trim() === '{}').click()"
+ANSWER_MS = 1000  # the logit lens, the tokens tab and a head switch of a finished run, whatever else runs
+
+
+def test_views_of_a_finished_run_answer_within_a_second_while_another_page_generates(browser, server):
+    reader, writer = open_page(browser, server), open_page(browser, server)
+    start_generation(reader, PROMPT, max_new_tokens=8)
+    wait_for_status(reader, "Done")
+    wait_for_plot_title(reader, "#attention-plot", "L0 H0")
+    start_generation(writer, "Count from one to five hundred: 1, 2, 3,", max_new_tokens=300)
+    writer.wait_for_function("() => document.querySelector('#output textarea').value.length > 60")
+    took = {
+        "head switch": reader.evaluate(TIMED_JS, [
+            "const s = document.querySelector('#head input[type=range]'); s.value = 4;"
+            "s.dispatchEvent(new Event('input', {bubbles: true}))",
+            "(document.querySelector('#attention-plot .gtitle') || {}).textContent === 'L0 H4'"]),
+        "layer move (grid)": reader.evaluate(TIMED_JS, [
+            "const s = document.querySelector('#layer input[type=range]'); s.value = 12;"
+            "s.dispatchEvent(new Event('input', {bubbles: true}))",
+            "(document.querySelector('#head-grid .gtitle') || {}).textContent === 'L12: all 9 heads'"]),
+        "logit lens tab": reader.evaluate(TIMED_JS, [
+            TAB_BUTTON.format("Logit lens"), "document.querySelector('#logit-lens .js-plotly-plot .gtitle')"]),
+        "tokens tab": reader.evaluate(TIMED_JS, [
+            TAB_BUTTON.format("Tokens"), "document.querySelectorAll('#tokens-view .llamaviz-token').length > 5"]),
+    }
+    assert "Generating" in writer.inner_text("#status"), "the other page finished before the views were timed"
+    print("\nms while another page generates:", {name: round(ms) for name, ms in took.items()})
+    required = {name: ms for name, ms in took.items() if name != "layer move (grid)"}
+    assert all(ms < ANSWER_MS for ms in required.values()), took
+    assert took["layer move (grid)"] < 3 * ANSWER_MS, took  # builds a 9-panel figure, sharing the GIL with the generation
+    writer.click("#stop")
+    wait_for_status(writer, "Stopped")
+    for page in (reader, writer):
+        page.context.close()
