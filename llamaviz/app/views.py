@@ -37,6 +37,7 @@ MEMO_LIMIT = 64  # views kept per run (the least recently used go first)
 MEMO_BYTES = 24 * 2**20  # and at most this many bytes of them per run
 _MISSING = object()
 _MEMO_LOCK = threading.Lock()
+_IN_FLIGHT: dict[tuple[int, tuple], threading.Event] = {}  # (run, key) being computed -> set when done
 SCORES: dict[str, Callable] = {  # patterns [layers, b, h, p, k], tokens [b, p] -> [layers, h]
     "entropy": lambda patterns, tokens: analysis.head_entropy(patterns),
     "previous-token": lambda patterns, tokens: analysis.previous_token_scores(patterns),
@@ -54,24 +55,43 @@ SCORE_HELP = {
 
 
 def memo(run: Run, key: tuple, compute: Callable):
-    """run.memo[key], computed once and kept among the most recently used views (MEMO_LIMIT, MEMO_BYTES)."""
-    with _MEMO_LOCK:  # bookkeeping only: two requests may compute the same view, never corrupt the dict
-        found = run.memo.pop(key, _MISSING)
-        if found is not _MISSING:
-            run.memo[key] = found  # reinserted last: dicts keep insertion order
-            return found[0]
-    value = compute()
+    """run.memo[key], computed once and kept among the most recently used views (MEMO_LIMIT, MEMO_BYTES).
+
+    A view being computed by another thread (a background warm-up) is waited for, not computed twice.
+    """
+    while True:
+        with _MEMO_LOCK:  # bookkeeping only: never held while computing
+            found = run.memo.pop(key, _MISSING)
+            if found is not _MISSING:
+                run.memo[key] = found  # reinserted last: dicts keep insertion order
+                return found[0]
+            flight = _IN_FLIGHT.get((id(run), key))
+            if flight is None:
+                flight = _IN_FLIGHT[(id(run), key)] = threading.Event()
+                break
+        flight.wait()  # then look again: the other thread's result is in the memo, or it failed and we compute
+    try:
+        value = compute()
+    finally:
+        with _MEMO_LOCK:
+            _IN_FLIGHT.pop((id(run), key), None)
+        flight.set()
+    _remember(run, key, value)
+    return value
+
+
+def _remember(run: Run, key: tuple, value) -> None:
+    """Keep a computed view in the run's memo, evicting the least recently used past the limits."""
     size = payload.json_bytes(value)
     with _MEMO_LOCK:
-        if run.cache is None:  # released meanwhile: hand the view out, keep nothing
-            return value
+        if run.cache is None:  # released meanwhile: keep nothing
+            return
         old = run.memo.pop(key, None)
         run.memo_bytes += size - (old[1] if old else 0)
         run.memo[key] = (value, size)
         while run.memo and (len(run.memo) > MEMO_LIMIT or run.memo_bytes > MEMO_BYTES):
             run.memo_bytes -= run.memo.pop(next(iter(run.memo)))[1]
     LIVE_RUNS.settle()
-    return value
 
 
 def num_layers(run: Run) -> int:
