@@ -255,7 +255,7 @@ def _wire(demo: gr.Blocks, state, c: dict) -> None:
                       [c["attention"], c["head"], c["mean"], c["status"]], **quick)
     c["score"].change(handlers.draw_overview, [state, c["score"]], overview_out)
     c["lens_start"].release(handlers.draw_lens, [state, c["lens_start"]], [c["lens"], c["status"]])
-    c["tabs"].select(handlers.tab_selected, [state, c["lens_start"]], [c["lens"], c["status"]])
+    c["tabs"].select(handlers.tab_selected, [state, c["lens_start"]], [c["lens"], c["status"]], queue=False)
 
     c["ablate"].click(handlers.ablate, [state, c["ablate_text"], c["ablate_boxes"], c["ablate_mode"], c["target"]],
                       [c["ablate_table"], c["ablate_summary"], c["status"]])
