@@ -4,6 +4,7 @@ what is wrong, in bounded time and memory (measured in a child process, so the p
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -152,9 +153,8 @@ def test_hostile_checkpoints_fail_fast_with_a_clear_error_and_little_memory(tmp_
     report = json.loads(child.stdout.strip().splitlines()[-1])
     for (name, (_, message)), (kind, text, seconds) in zip(cases.items(), report["results"]):
         assert kind == "ValueError", f"{name}: {kind}: {text}"
-        assert __import__("re").search(message, text), f"{name}: {text!r} does not match {message!r}"
+        assert re.search(message, text), f"{name}: {text!r} does not match {message!r}"
         assert seconds < MAX_SECONDS, f"{name}: took {seconds:.2f} s"
-    print(json.dumps(report))
     assert report["peak_growth_mb"] < MAX_PEAK_MB, report
 
 

@@ -3,6 +3,7 @@ in one session, memory over many sessions that never close, and the export folde
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -93,7 +94,7 @@ def test_a_second_generate_in_one_session_stops_the_first_and_completes_fully(se
     assert "Done:" in message and f"{new} new tokens" in message, message
     assert text == reference_text and "Done:" in reference_status
     view, _ = client.predict(0, 0, False, False, False, "entropy", 0, api_name="/export_view")
-    saved = __import__("json").loads(Path(view).read_text())
+    saved = json.loads(Path(view).read_text())
     assert saved["prompt"] == prompt and len(saved["token_ids"]) > new  # the session kept the second run
 
 
