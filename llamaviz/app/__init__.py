@@ -7,7 +7,10 @@ export.py compute what the tabs show from a run's activations.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import signal
 import threading
 
 import gradio  # noqa: F401  (the [app] extra: fail at import, where `llamaviz app` reports it)
@@ -16,6 +19,7 @@ __all__ = ["build_app", "launch"]
 
 log = logging.getLogger("llamaviz.app")
 CONCURRENCY = 4  # events of one kind running at once; forwards that use hooks still take turns per model
+SESSIONS_KEPT = 64  # browser sessions whose page values Gradio keeps (the oldest are dropped past this)
 
 
 def build_app(model_path: str | None = None):
@@ -34,14 +38,43 @@ def launch(model_path: str | None = None, host: str = "127.0.0.1", port: int = 7
     from .layout import style_arguments
     from .models import REGISTRY
 
+    release_freed_memory()
     demo = build_app(model_path)
     preselected = demo.llamaviz_model_path
     if preselected:  # load in the background: the page is up at once and the first Generate waits for it
         threading.Thread(target=_preload, args=(REGISTRY, preselected), daemon=True).start()
     demo.queue(default_concurrency_limit=CONCURRENCY)
     launch_kwargs.pop("share", None)
+    launch_kwargs.setdefault("state_session_capacity", SESSIONS_KEPT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` closes the server and removes the exports
     return demo.launch(server_name=host, server_port=port, share=False, **style_arguments("launch"),
                        **launch_kwargs)
+
+
+def release_freed_memory() -> bool:
+    """Make glibc hand large freed blocks back to the system (True when it took the settings).
+
+    Runs allocate and free activations of hundreds of MB; with glibc's default sliding mmap
+    threshold those land in the heap after the first free and stay there as slack. A fixed 1 MiB
+    threshold keeps every large tensor in its own mapping, returned on free; two arenas (instead
+    of eight per core) keep the request threads from each holding their own slack.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        settings = [(_M_MMAP_THRESHOLD, 2**20), (_M_TRIM_THRESHOLD, 2**24), (_M_ARENA_MAX, 2)]
+        return all(libc.mallopt(option, value) == 1 for option, value in settings)
+    except (OSError, AttributeError, TypeError):  # not glibc: the allocator keeps its own policy
+        return False
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters of glibc's malloc.h
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM as Ctrl-C: Gradio closes the server, then the exit handlers delete the export folder."""
+    raise KeyboardInterrupt
 
 
 def _preload(registry, path: str) -> None:

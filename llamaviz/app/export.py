@@ -1,17 +1,23 @@
 """Downloads: the current figure as PNG (its matplotlib twin) or standalone HTML, the activation cache
-as safetensors, and a view file that llamaviz.notebook.open_view reopens."""
+as safetensors, and a view file that llamaviz.notebook.open_view reopens.
+
+Every file goes to the run's folder inside the process's private export folder (files.py) and is
+created without following links.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llamaviz import plots
-from llamaviz.notebook import save_html
+import plotly.io as pio
 
-from . import views
+from llamaviz import plots
+
+from . import files, views
 from .state import Run
 
 FIGURES = ("attention", "head grid", "head overview", "logit lens", "tokens", "residual norms")
@@ -31,8 +37,7 @@ class ViewOptions:
 
 
 def run_folder(run: Run) -> Path:
-    """The run's export folder (removed with the run's activations)."""
-    run.export_folder.mkdir(parents=True, exist_ok=True)
+    """The run's export folder (private, removed with the run's activations and at exit)."""
     return run.export_folder
 
 
@@ -77,15 +82,29 @@ def export_figure(run: Run, which: str, fmt: str, options: ViewOptions) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
     path = run_folder(run) / f"{file_stem(which, options)}.{fmt}"
-    if fmt == "html":
-        return save_html(figure(run, which, options, static=False), path)
-    figure(run, which, options, static=True).savefig(path, dpi=150)
-    return path
+    if fmt == "html":  # standalone: plotly.js inlined, opens offline
+        page = pio.to_html(figure(run, which, options, static=False), include_plotlyjs=True,
+                           include_mathjax=False, full_html=True)
+        return files.write_private(path, page.encode("utf-8"))
+    image = io.BytesIO()
+    static = figure(run, which, options, static=True)
+    static.savefig(image, format="png", dpi=150)
+    _close(static)
+    return files.write_private(path, image.getvalue())
+
+
+def _close(fig) -> None:
+    """Free a matplotlib figure once saved (pyplot keeps every open figure otherwise)."""
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def export_cache(run: Run) -> Path:
     """The run's ActivationCache as safetensors (ActivationCache.load reads it back)."""
-    return run.activations().save(run_folder(run) / f"activations-run{run.run_id}.safetensors")
+    path = run_folder(run) / f"activations-run{run.run_id}.safetensors"
+    files.write_private(path, b"")  # made here, a regular file of ours (a planted link is refused)
+    return run.activations().save(path)
 
 
 def view_dict(run: Run, options: ViewOptions) -> dict:
@@ -106,5 +125,5 @@ def view_dict(run: Run, options: ViewOptions) -> dict:
 
 def export_view(run: Run, options: ViewOptions) -> Path:
     path = run_folder(run) / f"view-run{run.run_id}.json"
-    path.write_text(json.dumps(view_dict(run, options), indent=2, ensure_ascii=False), encoding="utf-8")
-    return path
+    text = json.dumps(view_dict(run, options), indent=2, ensure_ascii=False)
+    return files.write_private(path, text.encode("utf-8"))

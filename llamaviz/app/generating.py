@@ -31,6 +31,7 @@ def encode_prompt(entry: ModelEntry, prompt: str, chat_template: bool) -> tuple[
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: type some text to continue, e.g. "
                          "'Plants create energy through a process known as'")
+    check_encodable(prompt)
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"the prompt has {len(prompt):,} characters; the app takes at most "
                          f"{MAX_PROMPT_CHARS:,} (and at most {MAX_SEQUENCE - 1} tokens)")
@@ -46,6 +47,16 @@ def encode_prompt(entry: ModelEntry, prompt: str, chat_template: bool) -> tuple[
     if ids.shape[1] == 0:
         raise ValueError("the prompt encodes to no tokens; type some text")
     return ids, text
+
+
+def check_encodable(prompt: str) -> None:
+    """ValueError naming the first character UTF-8 cannot encode (a lone surrogate, e.g. half an emoji)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the prompt holds a lone surrogate {prompt[err.start]!r} at character {err.start} "
+                         "(half of a character such as an emoji); it is not valid Unicode text: retype or "
+                         "paste that character again") from None
 
 
 def token_budget(entry: ModelEntry, prompt_length: int, max_new_tokens: int) -> tuple[int, str]:

@@ -15,11 +15,12 @@ import gradio as gr
 from . import export, intervene, views
 from .generating import Generation, encode_prompt, has_chat_template, token_budget
 from .models import REGISTRY
-from .state import BrowserState, Settings
+from .state import BrowserState, Settings, release_state, trim_heap
 
 log = logging.getLogger("llamaviz.app")
 USER_ERRORS = (ValueError, KeyError, IndexError, MemoryError, FileNotFoundError, OSError, NotImplementedError)
 NO_RUN = "Generate first: the tabs show the activations of the last generation."
+WAITING_FOR_MODEL = "waiting for another user's generation to finish with the model"
 STREAM_INTERVAL = 0.05  # seconds between two streamed updates of the output box
 
 
@@ -50,6 +51,18 @@ def head_value(head, mean: bool):
     return "mean" if mean or head is None else int(head)
 
 
+def with_model(entry, width: int, compute):
+    """Outputs of a handler whose work runs the shared model (its hooks need the model's lock).
+
+    Yields a status saying it waits while another request holds the lock (the other `width - 1`
+    outputs skipped), then compute()'s outputs. Views of a finished run never come here.
+    """
+    if entry.lock.locked():
+        yield (*(gr.skip(),) * (width - 1), status(f"{WAITING_FOR_MODEL[0].upper()}{WAITING_FOR_MODEL[1:]}…",
+                                                   "info"))
+    yield compute()
+
+
 # ---------------------------------------------------------------- model
 
 
@@ -67,6 +80,20 @@ def load_model(path: str, progress=gr.Progress()):
     note = " (has a chat template)" if chat else " (no chat template: the prompt is continued as is)"
     return (status(f"Ready: {entry.describe()}{note}" + (f"; loaded in {took:.1f} s" if took > 0.5 else ""), "ok"),
             gr.update(interactive=chat, value=chat))
+
+
+def forget_session(demo, request) -> None:
+    """demo.unload: a closed tab's run is freed and Gradio's copy of its page values (figures) dropped now,
+    not an hour later."""
+    holder = getattr(demo, "state_holder", None)
+    session = getattr(request, "session_hash", None)
+    if holder is None or session is None:
+        return
+    with holder.lock:
+        kept = holder.session_data.pop(session, None)
+        holder.time_last_used.pop(session, None)
+    for value in (kept.state_data.values() if kept is not None else ()):
+        release_state(value)
 
 
 # ---------------------------------------------------------------- generation
@@ -91,9 +118,9 @@ def generate(state, model_path, prompt, chat_template, max_new_tokens, temperatu
         yield gr.skip(), failure(err), state
         return
     shown = prompt + ("\n\n" if model_input != prompt else "")  # a chat answer starts on its own line
-    state.generating = True
-    generation = Generation(entry, ids, settings, allowed, state.new_stop_flag())
-    waiting = "waiting for another request to finish with the model, then " if generation.waited else ""
+    stop = state.begin()  # this Generate's own flag; a previous Generate of this page is told to stop
+    generation = Generation(entry, ids, settings, allowed, stop)
+    waiting = f"{WAITING_FOR_MODEL}, then " if generation.waited else ""
     yield shown, status(f"Generating: {waiting}up to {allowed} tokens after a {ids.shape[1]}-token prompt"), state
     started, last, text = time.perf_counter(), 0.0, ""
     try:
@@ -106,8 +133,12 @@ def generate(state, model_path, prompt, chat_template, max_new_tokens, temperatu
         yield shown + text, failure(err), state
         return
     finally:
-        state.stop.set()  # also ends the worker if this generator is closed early (tab closed, cancelled)
-        state.generating = False
+        state.finish(stop)  # also ends the worker if this generator is closed early (tab closed, cancelled)
+        trim_heap()  # the forward's scratch memory goes back to the system
+    if not state.is_current(stop):  # a newer Generate of this page took over: it keeps its own run
+        run.release()
+        yield gr.skip(), gr.skip(), state
+        return
     state.replace_run(run)
     ended = "stopped" if run.stopped else "done"
     message = (f"{ended.capitalize()}: {run.new_tokens} new tokens in {time.perf_counter() - started:.1f} s; "
@@ -139,6 +170,7 @@ def show_run(state, layer, head, mean, drop_first, log_scale, score):
     picked = "mean" if mean else min(int(head), config.num_attention_heads - 1)
     try:
         views.warm_attention(run, layer, drop_first, log_scale)
+        views.warm_lens(run)
         figures = (views.attention_figure(run, layer, picked, drop_first, log_scale),
                    views.head_grid_figure(run, layer, drop_first, log_scale), views.overview_figure(run, score))
     except Exception as err:
@@ -248,10 +280,22 @@ def tab_selected(state, lens_start, evt: gr.SelectData):
 
 
 def ablate(state, heads_text, ticked, mode, target):
-    """Ablate heads and compare the next-token distribution: (top-10 table, summary, status)."""
+    """Ablate heads and compare the next-token distribution: yields (top-10 table, summary, status).
+
+    The forward needs the model's lock: while another user generates, the status says it waits.
+    """
     try:
         run = current_run(state)
         heads = intervene.parse_heads(heads_text, ticked)
+    except Exception as err:
+        yield gr.skip(), gr.skip(), failure(err)
+        return
+    yield from with_model(run.entry, 3, lambda: ablation_outputs(run, heads, mode, target))
+
+
+def ablation_outputs(run, heads, mode, target) -> tuple:
+    """(top-10 table, summary, status) of one ablation on the run's tokens."""
+    try:
         result = intervene.run_ablation(run, heads, mode)
         token = intervene.target_token(run, target, fallback=int(result.clean.argmax()))
         change = intervene.token_change(result, token, run.entry.tokenizer)

@@ -14,7 +14,7 @@ import gradio as gr
 
 from . import export, handlers, views
 from .models import list_checkpoints, peek_config
-from .state import MAX_NEW_TOKENS, BrowserState, release_state
+from .state import MAX_NEW_TOKENS, SESSION_TTL_S, BrowserState, release_state
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TITLE = "llamaviz: look inside a Llama"
@@ -78,7 +78,7 @@ def build(model_path: str | None = None) -> gr.Blocks:
     shape = (config.num_hidden_layers, config.num_attention_heads) if config else (32, 32)
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600),
                    **style_arguments("blocks")) as demo:
-        state = gr.State(BrowserState(), delete_callback=release_state)
+        state = gr.State(BrowserState(), delete_callback=release_state, time_to_live=SESSION_TTL_S)
         gr.Markdown(f"# {TITLE}\n{HELP}", elem_id="intro")
         c = _controls(choices)
         c["status"] = gr.HTML(handlers.status("Loading the model…"), elem_id="status")
@@ -226,6 +226,10 @@ def _wire(demo: gr.Blocks, state, c: dict) -> None:
     overview_out = [c["overview"], c["score_note"], c["status"]]
     tabs_out = [c["mask"], c["lens"], c["tokens"], c["token_table"], c["norms"], c["mlp"], c["mlp_table"], c["status"]]
 
+    def forget(request: gr.Request):
+        handlers.forget_session(demo, request)
+
+    demo.unload(forget)
     load_args = dict(fn=handlers.load_model, inputs=[c["model"]], outputs=[c["status"], c["chat"]])
     demo.load(**load_args)
     c["model"].change(**load_args)
@@ -251,7 +255,7 @@ def _wire(demo: gr.Blocks, state, c: dict) -> None:
                       [c["attention"], c["head"], c["mean"], c["status"]], **quick)
     c["score"].change(handlers.draw_overview, [state, c["score"]], overview_out)
     c["lens_start"].release(handlers.draw_lens, [state, c["lens_start"]], [c["lens"], c["status"]])
-    c["tabs"].select(handlers.tab_selected, [state, c["lens_start"]], [c["lens"], c["status"]])
+    c["tabs"].select(handlers.tab_selected, [state, c["lens_start"]], [c["lens"], c["status"]], queue=False)
 
     c["ablate"].click(handlers.ablate, [state, c["ablate_text"], c["ablate_boxes"], c["ablate_mode"], c["target"]],
                       [c["ablate_table"], c["ablate_summary"], c["status"]])

@@ -2,14 +2,18 @@
 
 A browser session's `gr.State` holds one `BrowserState`. The activations of a run stay in that
 state, so every tab browses them without re-running the model. `LIVE_RUNS` bounds the memory
-all sessions hold together: past its budget the oldest runs drop their activations.
+all sessions hold together, the activations and the views memoised on them (run.memo_bytes): past
+its budget the oldest runs drop both. Each Generate gets its own stop flag (`BrowserState.begin`),
+so a second Generate in a session stops the first one and only the newest run is kept.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import itertools
-import shutil
-import tempfile
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,10 +21,15 @@ from pathlib import Path
 
 import torch
 
+from . import files
+
 MAX_NEW_TOKENS = 512  # the settings slider's upper end
 MAX_SEQUENCE = 512  # prompt + continuation: patterns are [layers, h, T, T], so T is capped
-LIVE_RUNS_BYTES = 3 * 2**30  # activations all sessions may hold together
-EXPORT_ROOT = Path(tempfile.gettempdir()) / "llamaviz-app"  # downloads, a folder per run
+LIVE_RUNS_ENV = "LLAMAVIZ_LIVE_RUNS_MB"  # overrides the budget below (MiB)
+LIVE_RUNS_BYTES = int(os.environ.get(LIVE_RUNS_ENV) or 3072) * 2**20  # activations + memoised views of all sessions
+SESSION_TTL_S = 3600  # a session's run is freed this long after its last Generate, even if the tab stays open
+SEED_LIMIT = 2**63  # seeds are 0..2**63 - 1 (torch.Generator.manual_seed takes a signed 64-bit int)
+FLOAT_EXACT = 2**53  # above this a float no longer holds every whole number
 
 # What a run captures: every layer's pattern (the attention tabs, head scores), the residual stream
 # (logit lens, norms, token log-probs), MLP activations (statistics) and per-head outputs (mean ablation).
@@ -56,7 +65,7 @@ class Settings:
             (0 < s.temperature <= 5, "temperature", "in (0, 5]", s.temperature),
             (s.top_k >= 0, "top-k", "an integer >= 0 (0 turns it off)", s.top_k),
             (0 < s.top_p <= 1, "top-p", "in (0, 1]", s.top_p),
-            (0 <= s.seed < 2**63, "seed", "between 0 and 2**63 - 1", s.seed),
+            (0 <= s.seed < SEED_LIMIT, "seed", "between 0 and 2**63 - 1", s.seed),
         ]
         for ok, what, accepted, value in rules:
             if not ok:
@@ -84,9 +93,17 @@ def _number(value, what: str) -> float:
 
 
 def _whole(value, what: str) -> int:
+    """`value` as an int: ints (and digit strings) exactly, whole floats only where floats are exact."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
     number = _number(value, what)
     if number != int(number):
         raise ValueError(f"{what} must be a whole number; got {value!r}")
+    if abs(number) > FLOAT_EXACT:
+        raise ValueError(f"{what} {value!r} came as a float above 2**53, where floats skip whole numbers, so "
+                         "its exact value is lost; send it as an integer")
     return int(number)
 
 
@@ -109,7 +126,8 @@ class Run:
     continuation: str
     stopped: bool = False
     run_id: int = field(default_factory=lambda: next(_run_ids))
-    memo: dict = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)  # key -> (view, bytes); views.memo keeps it
+    memo_bytes: int = 0  # what the memoised views take (the figures as sent, the tables)
 
     @property
     def cached_tokens(self) -> list[str]:
@@ -128,19 +146,41 @@ class Run:
         return self.cache
 
     def nbytes(self) -> int:
+        """Bytes the budget counts: the activations plus the memoised views."""
         if self.cache is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in self.cache.values())
+            return self.memo_bytes
+        return self.memo_bytes + sum(t.numel() * t.element_size() for t in self.cache.values())
 
     @property
     def export_folder(self) -> Path:
-        return EXPORT_ROOT / f"run-{self.run_id}"
+        """This run's folder in the process's private export folder (made on first use)."""
+        return files.run_folder(self.run_id)
 
     def release(self) -> None:
         """Drop the activations, the memoised views and the exported files."""
         self.cache = None
         self.memo.clear()
-        shutil.rmtree(self.export_folder, ignore_errors=True)
+        self.memo_bytes = 0
+        files.remove_run_folder(self.run_id)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the allocator's free pages back to the system (glibc malloc_trim; nothing elsewhere).
+
+    A Generate allocates and frees hundreds of MB of activations; without this the freed pages stay
+    in the process as slack and RSS creeps up session after session.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class RunBudget:
@@ -154,11 +194,25 @@ class RunBudget:
     def add(self, run: Run) -> None:
         with self._lock:
             self._runs.append(run)
+        self.settle()
+
+    def settle(self) -> None:
+        """Release the oldest runs until the total is under budget (called after a run's memo grows)."""
+        with self._lock:
             total = sum(r.nbytes() for r in self._runs)
+            released = False
             while total > self.max_bytes and len(self._runs) > 1:
                 oldest = self._runs.popleft()
                 total -= oldest.nbytes()
                 oldest.release()
+                released = True
+        if released:
+            trim_heap()
+
+    def total(self) -> int:
+        """Bytes all live runs hold now."""
+        with self._lock:
+            return sum(r.nbytes() for r in self._runs)
 
     def discard(self, run: Run) -> None:
         with self._lock:
@@ -170,18 +224,32 @@ LIVE_RUNS = RunBudget()
 
 
 class BrowserState:
-    """What one browser session keeps: its last run and the Stop flag of the generation in flight."""
+    """What one browser session keeps: its last run and the stop flag of the Generate in flight."""
 
     def __init__(self):
         self.run: Run | None = None
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # the newest Generate's flag; each Generate has its own
+        self.stop.set()  # nothing generating yet
         self.tab = "Attention"  # the tab on screen: the logit lens (the costliest view) is drawn only there
-        self.generating = False
         self.fresh = False  # a new run that the tabs have not drawn yet
 
-    def new_stop_flag(self) -> threading.Event:
+    @property
+    def generating(self) -> bool:
+        return not self.stop.is_set()
+
+    def begin(self) -> threading.Event:
+        """A stop flag for a new Generate; the previous Generate of this session is told to stop."""
+        self.stop.set()
         self.stop = threading.Event()
         return self.stop
+
+    def finish(self, stop: threading.Event) -> None:
+        """A Generate ended (done, failed or closed): its own flag is set, never a newer one's."""
+        stop.set()
+
+    def is_current(self, stop: threading.Event) -> bool:
+        """Whether the Generate holding `stop` is still this session's newest."""
+        return stop is self.stop
 
     def replace_run(self, run: Run) -> None:
         """Make `run` current (and fresh); the previous run's activations are freed."""
@@ -196,7 +264,11 @@ class BrowserState:
 
 
 def release_state(state: BrowserState | None) -> None:
-    """gr.State's delete_callback: free a closed session's activations."""
-    if isinstance(state, BrowserState) and state.run is not None:
+    """gr.State's delete_callback: stop a closed or expired session's Generate and free its run."""
+    if not isinstance(state, BrowserState):
+        return
+    state.stop.set()
+    if state.run is not None:
         LIVE_RUNS.discard(state.run)
         state.run.release()
+        state.run = None

@@ -1,7 +1,12 @@
 """What each tab shows, computed from a Run's activations without re-running the model.
 
 Figures come from llamaviz.plots; head scores from llamaviz.analysis; the mask printout from
-llamaviz.terminal. Results are memoised on the run, so moving a slider back is instant.
+llamaviz.terminal. Results are memoised on the run, so moving a slider back is instant; the memo's
+bytes count in the live-runs budget. Figures are made small for the page (payload.py).
+
+Nothing here takes the model's lock: the logit lens and the token log-probs read the final norm's
+weight and lm_head directly (`readout`), which no hook of another request touches, so browsing a
+finished run never waits for somebody's generation.
 """
 
 from __future__ import annotations
@@ -13,23 +18,26 @@ from collections.abc import Callable
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
 from llamaviz import analysis, plots
-from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.llama.masks import build_mask
 from llamaviz.plots.tokens import display_token
 from llamaviz.terminal import render_html
 
-from .state import Run
+from . import payload
+from .state import LIVE_RUNS, Run
 
 LENS_WIDTH = 24  # positions the logit lens shows at once (each costs layers x vocab x hidden)
 MASK_TOKENS = 48  # keys the mask printout shows (the last ones)
 MASK_WIDTH = 170  # characters per printout line
 LOGIT_CHUNK = 64  # positions per unembedding matmul in token_logprobs
-MEMO_LIMIT = 64  # views kept per run (the least recently used go first): figures of long runs are MBs
+MEMO_LIMIT = 64  # views kept per run (the least recently used go first)
+MEMO_BYTES = 24 * 2**20  # and at most this many bytes of them per run
 _MISSING = object()
 _MEMO_LOCK = threading.Lock()
+_IN_FLIGHT: dict[tuple[int, tuple], threading.Event] = {}  # (run, key) being computed -> set when done
 SCORES: dict[str, Callable] = {  # patterns [layers, b, h, p, k], tokens [b, p] -> [layers, h]
     "entropy": lambda patterns, tokens: analysis.head_entropy(patterns),
     "previous-token": lambda patterns, tokens: analysis.previous_token_scores(patterns),
@@ -47,18 +55,43 @@ SCORE_HELP = {
 
 
 def memo(run: Run, key: tuple, compute: Callable):
-    """run.memo[key], computed once and kept among the MEMO_LIMIT most recently used views."""
-    with _MEMO_LOCK:  # bookkeeping only: two requests may compute the same view, never corrupt the dict
-        value = run.memo.pop(key, _MISSING)
-        if value is not _MISSING:
-            run.memo[key] = value  # reinserted last: dicts keep insertion order
-            return value
-    value = compute()
-    with _MEMO_LOCK:
-        run.memo[key] = value
-        while len(run.memo) > MEMO_LIMIT:
-            run.memo.pop(next(iter(run.memo)))
+    """run.memo[key], computed once and kept among the most recently used views (MEMO_LIMIT, MEMO_BYTES).
+
+    A view being computed by another thread (a background warm-up) is waited for, not computed twice.
+    """
+    while True:
+        with _MEMO_LOCK:  # bookkeeping only: never held while computing
+            found = run.memo.pop(key, _MISSING)
+            if found is not _MISSING:
+                run.memo[key] = found  # reinserted last: dicts keep insertion order
+                return found[0]
+            flight = _IN_FLIGHT.get((id(run), key))
+            if flight is None:
+                flight = _IN_FLIGHT[(id(run), key)] = threading.Event()
+                break
+        flight.wait()  # then look again: the other thread's result is in the memo, or it failed and we compute
+    try:
+        value = compute()
+    finally:
+        with _MEMO_LOCK:
+            _IN_FLIGHT.pop((id(run), key), None)
+        flight.set()
+    _remember(run, key, value)
     return value
+
+
+def _remember(run: Run, key: tuple, value) -> None:
+    """Keep a computed view in the run's memo, evicting the least recently used past the limits."""
+    size = payload.json_bytes(value)
+    with _MEMO_LOCK:
+        if run.cache is None:  # released meanwhile: keep nothing
+            return
+        old = run.memo.pop(key, None)
+        run.memo_bytes += size - (old[1] if old else 0)
+        run.memo[key] = (value, size)
+        while run.memo and (len(run.memo) > MEMO_LIMIT or run.memo_bytes > MEMO_BYTES):
+            run.memo_bytes -= run.memo.pop(next(iter(run.memo)))[1]
+    LIVE_RUNS.settle()
 
 
 def num_layers(run: Run) -> int:
@@ -91,9 +124,9 @@ def pattern(run: Run, layer: int) -> torch.Tensor:
 
 def attention_figure(run: Run, layer, head, drop_first: bool = False, log_scale: bool = False) -> go.Figure:
     layer, head = check_layer_head(run, layer, head)
-    return memo(run, ("attention", layer, head, drop_first, log_scale), lambda: plots.attention_heatmap(
-        pattern(run, layer), run.cached_tokens, head=head, layer=layer, drop_first=drop_first,
-        log_scale=log_scale))
+    return memo(run, ("attention", layer, head, drop_first, log_scale), lambda: payload.compact_figure(
+        plots.attention_heatmap(pattern(run, layer), run.cached_tokens, head=head, layer=layer,
+                                drop_first=drop_first, log_scale=log_scale), payload.ATTENTION_CELLS, log_scale))
 
 
 def warm_attention(run: Run, layer: int, drop_first: bool = False, log_scale: bool = False) -> threading.Thread:
@@ -111,8 +144,9 @@ def warm_attention(run: Run, layer: int, drop_first: bool = False, log_scale: bo
 
 def head_grid_figure(run: Run, layer, drop_first: bool = False, log_scale: bool = False) -> go.Figure:
     layer, _ = check_layer_head(run, layer, "mean")
-    return memo(run, ("grid", layer, drop_first, log_scale), lambda: plots.head_grid(
-        pattern(run, layer), run.cached_tokens, layer=layer, drop_first=drop_first, log_scale=log_scale))
+    return memo(run, ("grid", layer, drop_first, log_scale), lambda: payload.compact_figure(
+        plots.head_grid(pattern(run, layer), run.cached_tokens, layer=layer, drop_first=drop_first,
+                        log_scale=log_scale), payload.GRID_CELLS, log_scale))
 
 
 def head_scores(run: Run, score: str) -> torch.Tensor:
@@ -184,20 +218,45 @@ def lens_table(run: Run, start=None) -> tuple[torch.Tensor, list[list[str]], lis
     def compute():
         cache, layers = run.activations(), num_layers(run)
         names = [f"blocks.{i}.hook_resid_pre" for i in range(layers)] + [f"blocks.{layers - 1}.hook_resid_post"]
-        window = ActivationCache({n: cache[n][:, start:end] for n in names}, model=run.entry.model)
-        with run.entry.lock:  # norm and lm_head of the shared model: no other request's hooks attached
-            lens = window.logit_lens(top_k=1)
-        probs = lens["top_probs"][:, 0, :, 0].float()  # [layers+1, p]
-        top_ids = lens["top_ids"][:, 0, :, 0]  # [layers+1, p]
+        resid = torch.stack([cache[n][0, start:end] for n in names])  # [layers+1, p, m]
+        with torch.no_grad():
+            probs, top_ids = readout(run.entry.model, resid).softmax(dim=-1).max(dim=-1)  # [layers+1, p] each
         top_tokens = [run.entry.tokenizer.convert_ids_to_tokens(row.tolist()) for row in top_ids]
         return probs, top_tokens, run.cached_tokens[start:end], lens_labels(layers)
 
     return memo(run, ("lens-table", start), compute)
 
 
+def warm_lens(run: Run) -> threading.Thread:
+    """Compute the logit lens of the last positions in the background after a run (the costliest view:
+    a full-vocabulary readout per layer), so opening its tab answers at once even while the CPU is busy."""
+    def work() -> None:
+        if run.cache is not None:
+            try:
+                logit_lens_figure(run)
+            except ValueError:  # released meanwhile: the tab reports it when opened
+                pass
+
+    thread = threading.Thread(target=work, name="llamaviz-warm-lens", daemon=True)
+    thread.start()
+    return thread
+
+
 def logit_lens_figure(run: Run, start=None) -> go.Figure:
     start, _ = lens_window(run, start)
     return memo(run, ("lens", start), lambda: plots.logit_lens(*lens_table(run, start)))
+
+
+def readout(model, resid: torch.Tensor) -> torch.Tensor:
+    """Final norm + lm_head on residual streams [..., m] -> float32 logits [..., v], without the norm's hook point.
+
+    The same arithmetic as LlamaRMSNorm then lm_head; only weights are read, so it runs while another
+    request's hooks sit on the shared model (lm_head has no hook point).
+    """
+    norm = model.model.norm
+    x = resid.to(model.device, model.dtype)
+    normalized = F.rms_norm(x.float(), x.shape[-1:], eps=norm.eps).to(x.dtype)  # [..., m]
+    return model.lm_head(norm.weight * normalized).float()  # [..., v]
 
 
 # ---------------------------------------------------------------- tokens tab
@@ -214,10 +273,9 @@ def token_logprobs(run: Run, top: int = 5) -> tuple[torch.Tensor, list[list[tupl
         final = cache[f"blocks.{num_layers(run) - 1}.hook_resid_post"][0]  # [T-1, m]
         targets = run.ids[0, 1:]  # [T-1]: the token each position predicts
         chosen, alternatives = [], []
-        with run.entry.lock, torch.no_grad():
+        with torch.no_grad():
             for begin in range(0, final.shape[0], LOGIT_CHUNK):
-                x = final[begin:begin + LOGIT_CHUNK].to(model.device, model.dtype)
-                logprobs = torch.log_softmax(model.lm_head(model.model.norm(x)).float(), dim=-1)  # [c, v]
+                logprobs = torch.log_softmax(readout(model, final[begin:begin + LOGIT_CHUNK]), dim=-1)  # [c, v]
                 picked = targets[begin:begin + LOGIT_CHUNK].to(logprobs.device)
                 chosen.append(logprobs.gather(-1, picked[:, None])[:, 0].cpu())
                 values, ids = logprobs.topk(top, dim=-1)
@@ -273,7 +331,7 @@ def resid_norms_figure(run: Run) -> go.Figure:
     """
     def compute() -> go.Figure:
         norms, tokens, labels = resid_norm_table(run)
-        figure = plots.resid_norms(norms, tokens, labels)
+        figure = payload.float32_traces(plots.resid_norms(norms, tokens, labels))
         if norms.shape[1] > 1:
             figure.update_traces(zmax=float(norms[:, 1:].max()), zauto=False)
         return figure

@@ -4,6 +4,10 @@ The header is parsed here rather than by gguf.GGUFReader, which builds numpy vie
 takes ~1.6 s on the default model's ~100k vocabulary and merge strings; this parser takes ~50 ms
 and returns the same values (tests check it). Tensor data is memory-mapped and dequantized one
 tensor at a time.
+
+Every count in the header is checked against the bytes left in the file before it is used (a
+409-byte file cannot announce a million tensors or strings), and the config it describes against
+its tensor table before a model is built (hf.check_tensor_table), so a hostile file fails at once.
 """
 
 from __future__ import annotations
@@ -20,11 +24,19 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llamaviz.checkpoints import quants
 from llamaviz.checkpoints.base import Checkpoint, TensorInfo, hf_rope_layout
+from llamaviz.checkpoints.hf import check_tensor_table
 from llamaviz.llama.config import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 _STRING, _ARRAY = 8, 9
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _DEFAULT_ALIGNMENT = 32
+_MAX_ALIGNMENT = 2**16
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 4  # arrays of arrays of ...: llama.cpp writes one level; deeper is refused, not recursed
+# the fewest bytes one item can take: a key/value (8-byte key length, 4-byte type, 1-byte value), a
+# tensor entry (name length, dim count, type, offset), a string (its length), an array (type, count)
+_MIN_FIELD, _MIN_TENSOR, _MIN_STRING, _MIN_ARRAY = 13, 24, 8, 12
+GGUF_FIELDS = {"layers": "llama.block_count", "vocab": "llama.vocab_size (or the tokenizer.ggml.tokens count)"}
 
 
 def open_gguf(path: str | Path):
@@ -75,7 +87,16 @@ class _Cursor:
     """Sequential little-endian reads over the file's bytes."""
 
     def __init__(self, buffer: memoryview):
-        self.buffer, self.pos = buffer, 0
+        self.buffer, self.pos, self.depth = buffer, 0, 0
+
+    def count(self, what: str, each: int) -> int:
+        """A uint64 count of items of at least `each` bytes; ValueError when the rest of the file cannot hold them."""
+        count = self.scalar("<Q")
+        left = len(self.buffer) - self.pos
+        if count * each > left:
+            raise ValueError(f"the header announces {count:,} {what}, more than the {left:,} bytes left in the "
+                             "file can hold")
+        return count
 
     def scalar(self, fmt: str):
         value = struct.unpack_from(fmt, self.buffer, self.pos)[0]
@@ -95,8 +116,10 @@ class _Cursor:
         if value_type == _STRING:
             return self.string()
         if value_type == _ARRAY:
-            item_type, count = self.scalar("<I"), self.scalar("<Q")
-            return self.array(item_type, count)
+            item_type = self.scalar("<I")
+            each = np.dtype(_SCALARS[item_type]).itemsize if item_type in _SCALARS else (
+                _MIN_STRING if item_type == _STRING else _MIN_ARRAY)
+            return self.array(item_type, self.count("array items", each))
         if value_type not in _SCALARS:
             raise ValueError(f"unknown GGUF value type {value_type}")
         return self.scalar(_SCALARS[value_type])
@@ -110,7 +133,13 @@ class _Cursor:
             values = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.pos).tolist()
             self.pos = end
             return values
-        return [self.value(item_type) for _ in range(count)]
+        if item_type == _ARRAY and self.depth >= _MAX_NESTING:
+            raise ValueError(f"arrays nested more than {_MAX_NESTING} deep; accepted: up to {_MAX_NESTING}")
+        self.depth += 1
+        try:
+            return [self.value(item_type) for _ in range(count)]
+        finally:
+            self.depth -= 1
 
 
 def read_gguf_header(path: str | Path) -> GGUFHeader:
@@ -122,7 +151,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         mapped = np.memmap(handle, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
     try:
         header = _parse(path, memoryview(mapped))
-    except (struct.error, EOFError, UnicodeDecodeError, OverflowError, ValueError) as err:
+    except (struct.error, EOFError, UnicodeDecodeError, OverflowError, ValueError, TypeError, RecursionError) as err:
         raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {err}") from None
     _check_tensor_extents(header, len(mapped))
     return header
@@ -136,22 +165,43 @@ def _parse(path: Path, buffer: memoryview) -> GGUFHeader:
     version = cursor.scalar("<I")
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not supported; accepted: 2, 3 (little-endian)")
-    n_tensors, n_fields = cursor.scalar("<Q"), cursor.scalar("<Q")
+    n_tensors = cursor.count("tensors", _MIN_TENSOR)
+    n_fields = cursor.count("metadata fields", _MIN_FIELD)
     metadata = {}
     for _ in range(n_fields):
         key = cursor.string()
         metadata[key] = cursor.value(cursor.scalar("<I"))
+    if n_tensors * _MIN_TENSOR > len(buffer) - cursor.pos:
+        raise ValueError(f"the header announces {n_tensors:,} tensors, more than the {len(buffer) - cursor.pos:,} "
+                         "bytes left after the metadata can hold")
     table = [_tensor_entry(cursor) for _ in range(n_tensors)]
-    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    alignment = _alignment(metadata)
     data_start = -(-cursor.pos // alignment) * alignment
-    tensors = [GGUFTensor(name, shape, kind, data_start + offset, _nbytes(name, kind, shape))
-               for name, shape, kind, offset in table]
+    tensors = []
+    for name, shape, kind, offset in table:
+        if offset % alignment:
+            raise ValueError(f"tensor {name!r} starts at offset {offset}, not a multiple of general.alignment "
+                             f"{alignment}")
+        tensors.append(GGUFTensor(name, shape, kind, data_start + offset, _nbytes(name, kind, shape)))
     return GGUFHeader(path, version, metadata, tensors)
+
+
+def _alignment(metadata: dict[str, Any]) -> int:
+    """general.alignment: a power of two up to 65536 (32 when absent); ValueError naming the field otherwise."""
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if (not isinstance(alignment, int) or isinstance(alignment, bool) or not 0 < alignment <= _MAX_ALIGNMENT
+            or alignment & (alignment - 1)):
+        raise ValueError(f"general.alignment is {alignment!r}; accepted: a power of two from 1 to {_MAX_ALIGNMENT} "
+                         f"stored as an integer (default {_DEFAULT_ALIGNMENT})")
+    return alignment
 
 
 def _tensor_entry(cursor: _Cursor) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
     name = cursor.string()
-    dims = [cursor.scalar("<Q") for _ in range(cursor.scalar("<I"))]
+    n_dims = cursor.scalar("<I")
+    if n_dims > _MAX_DIMS:
+        raise ValueError(f"tensor {name!r} has {n_dims:,} dimensions; accepted: at most {_MAX_DIMS}")
+    dims = [cursor.scalar("<Q") for _ in range(n_dims)]
     type_id, offset = cursor.scalar("<I"), cursor.scalar("<Q")
     try:
         kind = GGMLQuantizationType(type_id)
@@ -240,7 +290,12 @@ def _family(metadata: dict[str, Any], arch: str) -> tuple[type[LlamaConfig], dic
 def _required(metadata: dict[str, Any], arch: str, key: str, field: str):
     if f"{arch}.{key}" not in metadata:
         raise ValueError(f"GGUF metadata lacks '{arch}.{key}', needed for LlamaConfig.{field}")
-    return _one_per_model(metadata[f"{arch}.{key}"])
+    value = _one_per_model(metadata[f"{arch}.{key}"])
+    wanted = float if field == "rms_norm_eps" else int
+    if isinstance(value, bool) or not isinstance(value, (int, float) if wanted is float else int) or value <= 0:
+        kind = "a positive number" if wanted is float else "a positive integer"
+        raise ValueError(f"GGUF metadata '{arch}.{key}' is {value!r}; accepted: {kind} (LlamaConfig.{field})")
+    return value
 
 
 def _one_per_model(value):
@@ -335,12 +390,13 @@ class GGUFCheckpoint(Checkpoint):
         by_name = {tensor.name: tensor for tensor in header.tensors}
         try:
             config = config_from_gguf(header.metadata, tuple(by_name), self._rope_freqs(path, by_name))
-        except ValueError as err:
+        except (ValueError, TypeError) as err:  # TypeError: metadata of the wrong type (e.g. lists of lists)
             raise ValueError(f"{path}: {err}") from None
         config.name_or_path = str(path)
         self._sources = {hf_tensor_name(t.name): t for t in header.tensors if t.name not in _NOT_WEIGHTS}
         _check_dequantizable(path, self._sources.values())
         infos = {name: TensorInfo(t.shape, t.nbytes, path) for name, t in self._sources.items()}
+        check_tensor_table(path, config, infos, GGUF_FIELDS)
         super().__init__(path, config, torch.float32, path, infos)
         self.metadata = header.metadata
         self.permuted_rope = header.metadata.get("general.architecture") in _PERMUTED_ROPE

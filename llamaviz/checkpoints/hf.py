@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -54,6 +55,34 @@ def read_hf_config(folder: Path) -> LlamaConfig:
     return config
 
 
+# ----- the tensor table against the config, before anything is built -----
+
+HF_FIELDS = {"layers": "num_hidden_layers", "vocab": "vocab_size"}
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_tensor_table(source, config: LlamaConfig, infos: dict, fields: dict[str, str] = HF_FIELDS) -> None:
+    """ValueError naming the config field when the file cannot hold the model the config describes.
+
+    Runs on the header alone, before a model is built: a config claiming a million layers, or a
+    vocabulary its embedding does not have, fails here in milliseconds instead of after building
+    that model (other shapes are checked by the loader against the model built on the meta device,
+    which costs no memory). `fields` names the fields as the file spells them.
+    """
+    layers = {int(match.group(1)) for name in infos if (match := _LAYER.search(name))}
+    count = config.num_hidden_layers
+    missing = [i for i in range(count) if i not in layers]
+    if missing:
+        held = f"layers {min(layers)}..{max(layers)}" if layers else "no layers"
+        raise ValueError(f"{source}: {fields['layers']} is {count:,} but the file's tensors hold {held} "
+                         f"({len(missing):,} layers missing, e.g. layer {missing[0]}); accepted: the number of "
+                         "layers whose weights the file holds")
+    embed = infos.get("model.embed_tokens.weight") or infos.get("embed_tokens.weight")
+    if embed is not None and embed.shape and embed.shape[0] != config.vocab_size:
+        raise ValueError(f"{source}: {fields['vocab']} is {config.vocab_size:,} but the token embedding has "
+                         f"{embed.shape[0]:,} rows (shape {tuple(embed.shape)})")
+
+
 class SafetensorsCheckpoint(Checkpoint):
     """model.safetensors or its shards, read through safe_open (memory-mapped)."""
 
@@ -70,6 +99,7 @@ class SafetensorsCheckpoint(Checkpoint):
                     shape, dtype = tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(piece.get_dtype())
                     dtypes.append(dtype or torch.uint8)
                     infos[name] = TensorInfo(shape, _nbytes(shape, dtype), file)
+        check_tensor_table(folder / "config.json", config, infos)
         source_dtype = dtype_from_config(config) or first_float_dtype(dtypes)
         super().__init__(folder, config, source_dtype, folder, infos)
         self.files = files
@@ -110,6 +140,7 @@ class BinCheckpoint(Checkpoint):
             for name, tensor in _load_bin(file).items():
                 dtypes.append(tensor.dtype)
                 infos[name] = TensorInfo(tuple(tensor.shape), tensor.nbytes, file)
+        check_tensor_table(folder / "config.json", config, infos)
         source_dtype = dtype_from_config(config) or first_float_dtype(dtypes)
         super().__init__(folder, config, source_dtype, folder, infos)
         self.files = files

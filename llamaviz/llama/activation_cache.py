@@ -94,7 +94,11 @@ class ActivationCache(DecompositionMixin, Mapping):
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "ActivationCache":
-        """Read a cache saved by `save`; with `model`, refuse a cache captured from another model."""
+        """Read a cache saved by `save`; with `model`, refuse a cache captured from another model.
+
+        A crafted file gets a ValueError naming what is wrong (metadata that is not the JSON object
+        `save` writes, tokens that are not integer ids), never another exception type.
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -102,15 +106,16 @@ class ActivationCache(DecompositionMixin, Mapping):
             raise FileNotFoundError(f"no activation cache at {path}")
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("llamaviz", "{}"))
+                raw = (f.metadata() or {}).get("llamaviz", "{}")
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as err:
             raise ValueError(f"{path} is not a readable safetensors activation cache: {err}") from None
+        meta = _cache_metadata(path, raw)
         if model is not None and meta.get("model_signature") != model_signature(model):
             raise ValueError(f"{path} was captured from model {meta.get('model_name')!r} "
                              f"({meta.get('model_signature')}), not from this model ({model_signature(model)})")
-        tokens = torch.tensor(meta["tokens"]) if meta.get("tokens") is not None else None
-        return cls(tensors, model=model, tokens=tokens, model_name=meta.get("model_name", ""))
+        return cls(tensors, model=model, tokens=_cache_tokens(path, meta.get("tokens")),
+                   model_name=meta.get("model_name", ""))
 
     # ----- analysis -----
 
@@ -178,6 +183,34 @@ class ActivationCache(DecompositionMixin, Mapping):
         if self.model is None:
             raise ValueError(f"{what} needs the model: ActivationCache.load(path, model=model)")
         return self.model
+
+
+def _cache_metadata(path: Path, raw) -> dict:
+    """The "llamaviz" metadata entry of a saved cache: a JSON object of strings and token ids."""
+    try:
+        meta = json.loads(raw)
+    except (ValueError, TypeError, RecursionError) as err:
+        raise ValueError(f"{path}: its 'llamaviz' metadata is not JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its 'llamaviz' metadata must be a JSON object; got {type(meta).__name__}")
+    for key in ("model_name", "model_signature"):
+        if not isinstance(meta.get(key, ""), str):
+            raise ValueError(f"{path}: metadata {key!r} must be a string; got {meta[key]!r}")
+    return meta
+
+
+def _cache_tokens(path: Path, tokens) -> torch.Tensor | None:
+    """Saved token ids -> a long tensor [b, p] or [p]; ValueError for anything but lists of int64 ids."""
+    if tokens is None:
+        return None
+    rows = tokens if isinstance(tokens, list) and tokens and isinstance(tokens[0], list) else [tokens]
+    ok = isinstance(tokens, list) and all(
+        isinstance(row, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in row)
+        for row in rows) and len({len(row) for row in rows}) <= 1
+    if not ok:
+        raise ValueError(f"{path}: metadata 'tokens' must be a list of token ids (ints 0..2**63-1) or a list of "
+                         "equal-length lists of them")
+    return torch.tensor(tokens, dtype=torch.long)
 
 
 def model_signature(model) -> str:

@@ -4,7 +4,11 @@ library call it stands for (generate, run_with_cache, analysis, logit_lens, a ha
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -33,6 +37,11 @@ def run_generate(state, path, prompt, **settings):
     s = {**GREEDY, **settings}
     return list(handlers.generate(state, path, prompt, s["chat_template"], s["max_new_tokens"], s["temperature"],
                                   s["top_k"], s["top_p"], s["seed"], s["do_sample"], progress=quiet))
+
+
+def ablated(*inputs):
+    """The last outputs of the Ablate handler (a generator: it may first say it waits for the model)."""
+    return list(handlers.ablate(*inputs))[-1]
 
 
 def is_error(html: str) -> bool:
@@ -236,7 +245,7 @@ def test_markup_in_a_prompt_is_escaped_wherever_html_is_built(path):
 
 def test_views_without_a_run_ask_to_generate_first():
     for result in (handlers.draw_attention(None, 0, 0, False, False, False), handlers.draw_lens(None, None),
-                   handlers.ablate(None, "1.1", [], "zero", ""), handlers.export_cache(None)):
+                   ablated(None, "1.1", [], "zero", ""), handlers.export_cache(None)):
         assert is_error(result[-1]) and "Generate first" in result[-1]
 
 
@@ -244,8 +253,8 @@ def test_out_of_range_layer_and_head_are_reported(session):
     state = session[0]
     assert "30 layers, 0..29" in handlers.draw_attention(state, 30, 0, False, False, False)[-1]
     assert "9 heads per layer, 0..8" in handlers.draw_attention(state, 0, 9, False, False, False)[-1]
-    assert "9 heads per layer, 0..8" in handlers.ablate(state, "2.9", [], "zero", "")[-1]
-    assert "cannot read" in handlers.ablate(state, "2.x", [], "zero", "")[-1]
+    assert "9 heads per layer, 0..8" in ablated(state, "2.9", [], "zero", "")[-1]
+    assert "cannot read" in ablated(state, "2.x", [], "zero", "")[-1]
     figure, _, status = handlers.draw_attention(state, 2.0, 1.0, False, False, False)  # sliders may send floats
     assert status == gr.skip() and figure.layout.title.text == handlers.draw_attention(
         state, 2, 1, False, False, False)[0].layout.title.text
@@ -372,7 +381,7 @@ def test_activation_tabs(session, reference):
 
 def test_zero_ablation_matches_a_hand_written_hook(session, entry):
     state = session[0]
-    table, summary, message = handlers.ablate(state, "3.1", ["L5H7"], "zero", "")
+    table, summary, message = ablated(state, "3.1", ["L5H7"], "zero", "")
     assert "Ablated L3H1, L5H7" in message
 
     def knock_out(head):
@@ -386,15 +395,15 @@ def test_zero_ablation_matches_a_hand_written_hook(session, entry):
     with entry.lock, torch.no_grad():
         clean = entry.model(ids).logits[0, -1].softmax(-1)
         with entry.model.hooks(fwd_hooks=[("blocks.3.attn.hook_z", knock_out(1)), ("blocks.5.attn.hook_z", knock_out(7))]):
-            ablated = entry.model(ids).logits[0, -1].softmax(-1)
+            knocked = entry.model(ids).logits[0, -1].softmax(-1)
     np.testing.assert_allclose(table["p before"], clean.topk(10).values.numpy(), atol=1e-4)
-    np.testing.assert_allclose(table["p after"], ablated.topk(10).values.numpy(), atol=1e-4)
+    np.testing.assert_allclose(table["p after"], knocked.topk(10).values.numpy(), atol=1e-4)
     assert "logit" in summary and "KL" in summary
 
 
 def test_ablation_tracks_a_chosen_token(session, entry):
     state = session[0]
-    _, summary, message = handlers.ablate(state, "0.0 0.1 0.2", [], "mean", " mat")
+    _, summary, message = ablated(state, "0.0 0.1 0.2", [], "mean", " mat")
     token = entry.tokenizer(" mat", add_special_tokens=False)["input_ids"][0]
     assert f"(id {token})" in summary and "mean" in message
 
@@ -419,3 +428,112 @@ def test_exports_png_html_cache_and_a_view_that_the_notebook_reads(session, entr
     assert view["prompt"] == PROMPT and str(view["model"]) == path
     assert view["settings"]["layer"] == 3 and view["settings"]["head"] == 2
     assert json.loads(open(view_file).read())["token_ids"] == state.run.ids[0].tolist()
+
+
+def test_exports_are_private_and_a_planted_link_is_refused(session, tmp_path):
+    from llamaviz.app import files
+
+    state = session[0]
+    options = (0, 0, False, False, False, "entropy", None)
+    view_file = Path(handlers.export_view(state, *options)[0])
+    root = files.export_root()
+    assert root.name.startswith(files.PREFIX) and view_file.is_relative_to(root)
+    assert {oct(p.stat().st_mode & 0o777) for p in (root, view_file.parent)} == {"0o700"}
+    assert oct(view_file.stat().st_mode & 0o777) == "0o600"
+    target = tmp_path / "victim.txt"
+    target.write_text("keep me")
+    view_file.unlink()
+    view_file.symlink_to(target)
+    _, message = handlers.export_view(state, *options)
+    assert is_error(message) and "refusing to write" in message and "symbolic link" in message
+    assert target.read_text() == "keep me"
+    cache_link = view_file.parent / f"activations-run{state.run.run_id}.safetensors"
+    cache_link.unlink(missing_ok=True)
+    cache_link.symlink_to(target)
+    assert "refusing to write" in handlers.export_cache(state)[1] and target.read_text() == "keep me"
+    view_file.unlink()
+    cache_link.unlink()
+
+
+EXPORTING_CHILD = r"""
+import json, sys
+from llamaviz.app import files, handlers
+from llamaviz.app.state import BrowserState
+state = BrowserState()
+for _ in handlers.generate(state, sys.argv[1], sys.argv[2], False, 3, 1.0, 0, 1.0, 0, False,
+                           progress=lambda *a, **k: None):
+    pass
+view, message = handlers.export_view(state, 0, 0, False, False, False, "entropy", None)
+png, _ = handlers.export_png(state, "attention", 0, 0, False, False, False, "entropy", None)
+print(json.dumps({"root": str(files.export_root()), "view": view, "png": png, "message": message}), flush=True)
+sys.stdin.readline()  # hold the folder until the parent has looked at both
+"""
+
+
+def test_two_app_processes_export_into_their_own_folders_and_remove_them_at_exit(path, tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    prompts = ["The capital of France is", "Water boils at a temperature of"]
+    children = [subprocess.Popen([sys.executable, "-c", EXPORTING_CHILD, path, prompt], env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parents[2])
+                for prompt in prompts]
+    try:
+        reports = [json.loads(child.stdout.readline()) for child in children]
+        roots = [Path(r["root"]) for r in reports]
+        assert roots[0] != roots[1] and all(root.parent == tmp_path for root in roots), reports
+        views = [Path(r["view"]) for r in reports]
+        assert views[0].name == views[1].name  # run numbers restart per process: the folders keep them apart
+        assert [json.loads(v.read_text())["prompt"] for v in views] == prompts
+        assert all(Path(r["png"]).is_file() for r in reports)
+    finally:
+        for child in children:
+            child.communicate("\n", timeout=60)
+    assert [child.returncode for child in children] == [0, 0]
+    assert not any(root.exists() for root in roots)  # removed when the process exited
+
+
+def test_two_generates_in_one_session_the_second_replaces_the_first(path):
+    state = app_state.BrowserState()
+    first = handlers.generate(state, path, PROMPT, False, 200, 1.0, 0, 1.0, 0, False, progress=quiet)
+    next(first)  # the first Generate is running
+    second = run_generate(state, path, PROMPT, max_new_tokens=NEW)  # stops the first, then runs fully
+    rest = list(first)
+    assert "Done:" in second[-1][1] and f"{NEW} new tokens" in second[-1][1]
+    assert state.run.new_tokens == NEW and not state.run.stopped
+    assert all(output is not state.run for output in rest)
+
+
+@pytest.mark.parametrize("seed", [2**53 + 1, 2**63 - 1])
+def test_large_seeds_arrive_exactly(seed):
+    settings = app_state.Settings(seed=seed).checked()
+    assert settings.seed == seed and type(settings.seed) is int
+
+
+def test_seeds_as_floats_above_2_53_and_lone_surrogates_get_clear_errors(path):
+    with pytest.raises(ValueError, match="came as a float above 2\\*\\*53"):
+        app_state.Settings(seed=float(2**60)).checked()
+    with pytest.raises(ValueError, match="seed must be between 0 and 2\\*\\*63 - 1; got 9223372036854775808"):
+        app_state.Settings(seed=2**63).checked()
+    message = run_generate(app_state.BrowserState(), path, "The cat \ud83d sat")[-1][1]
+    assert is_error(message) and "lone surrogate" in message and "at character 8" in message
+
+
+def test_views_of_a_finished_run_do_not_wait_for_the_model_lock(session, entry):
+    """While another request holds the model (a generation), the lens, token log-probs and attention answer."""
+    state = session[0]
+    run = state.run
+    for key in [k for k in run.memo if k[0] in ("lens", "lens-table", "logprobs", "tokens-figure")]:
+        run.memo.pop(key)
+    done = threading.Event()
+
+    def browse():
+        handlers.draw_lens(state, 0)
+        views.tokens_html(run)
+        handlers.draw_attention(state, 1, 2, False, False, False)
+        done.set()
+
+    with entry.lock:  # what a generation in another session holds
+        threading.Thread(target=browse, daemon=True).start()
+        assert done.wait(30), "a view of a finished run waited for the model lock"
+        ablation = handlers.ablate(state, "1.1", [], "zero", "")
+        assert "generation to finish with the model" in next(ablation)[-1]  # ablation runs the model: it waits
+    assert "Ablated L1H1" in next(ablation)[-1]  # and answers once the lock is free
