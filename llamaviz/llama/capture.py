@@ -1,28 +1,51 @@
-"""run_with_cache and the memory guard that refuses a capture too big for the machine."""
+"""Recording activations (run_with_cache, generate_with_cache) and the memory guard.
+
+One `Recorder` serves a single forward and a whole decode loop. patterns="stored" keeps the
+[b, h, p, k] matrices; patterns="lazy" keeps each layer's rot_q / rot_k and the mask recipe and
+computes a pattern when it is read (llama/lazy_patterns.py): linear in T instead of quadratic.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections import defaultdict
 
 import torch
 
 from . import activation_cache
 from .activation_cache import ActivationCache
+from .hook_points import activation_numel, is_pattern_shaped, layer_of
+from .lazy_patterns import LazyPatterns, lazy_piece_names
+from .masks import AttentionMask
+
+PATTERN_MODES = ("stored", "lazy")
 
 
-def activation_numel(name: str, config, batch: int, positions: int, key_positions: int) -> int:
-    """Elements one hook point holds for a forward over `positions` queries and `key_positions` keys."""
-    h, g, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    suffix = name.rsplit(".", 1)[-1]
-    per_position = {
-        "hook_attn_scores": h * key_positions, "hook_pattern": h * key_positions,
-        "hook_q": h * d, "hook_rot_q": h * d, "hook_z": h * d,
-        "hook_k": g * d, "hook_rot_k": g * d, "hook_v": g * d,
-        "hook_pre": config.intermediate_size, "hook_pre_linear": config.intermediate_size,
-        "hook_post": config.intermediate_size if ".mlp." in name else config.hidden_size,
-        "hook_logits": config.vocab_size,
-    }.get(suffix, config.hidden_size)
-    return batch * positions * per_position
+def check_patterns_mode(patterns: str) -> str:
+    if patterns not in PATTERN_MODES:
+        raise ValueError(f"patterns={patterns!r} is not supported; accepted: {', '.join(PATTERN_MODES)}")
+    return patterns
+
+
+def recorded_names(names: list[str], patterns: str) -> tuple[list[str], list[str], list[str]]:
+    """(stored names, lazy pattern-shaped names, rot_q/rot_k pieces the lazy ones are computed from)."""
+    lazy = [n for n in names if patterns == "lazy" and is_pattern_shaped(n)]
+    stored = [n for n in names if n not in lazy]
+    pieces = list(dict.fromkeys(piece for n in lazy for piece in lazy_piece_names(layer_of(n))))
+    return stored, lazy, pieces
+
+
+def capture_sizes(model, names: list[str], batch: int, positions: int, key_positions: int,
+                  dtype: torch.dtype, patterns: str = "stored") -> dict[str, int]:
+    """Estimated bytes per recorded name; a lazy rot_k piece spans every key (past ones included)."""
+    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 8
+    stored, _, pieces = recorded_names(names, patterns)
+    sizes = {n: activation_numel(n, model.config, batch, positions, key_positions) * size for n in stored}
+    for piece in pieces:
+        span = key_positions if piece.endswith("rot_k") else positions
+        sizes[piece] = max(sizes.get(piece, 0), activation_numel(piece, model.config, batch, span, key_positions) * size)
+    return sizes
 
 
 def available_memory(device: torch.device) -> int:
@@ -39,40 +62,146 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def check_memory(model, names: list[str], batch: int, positions: int, key_positions: int,
-                 dtype: torch.dtype, memory_budget: int | None = None, device=None) -> int:
-    """Estimated bytes of a capture; raises MemoryError with the estimate when over the budget."""
-    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 8
-    total = sum(activation_numel(n, model.config, batch, positions, key_positions) for n in names) * size
+def memory_budget_bytes(model, memory_budget: int | None = None, device=None) -> int:
+    """The budget a capture may take: `memory_budget`, else a fraction of the device's free memory."""
+    if memory_budget is not None:
+        return memory_budget
     target = torch.device(device) if device is not None else model.device
-    budget = memory_budget if memory_budget is not None else int(
-        activation_cache.MEMORY_BUDGET_FRACTION * available_memory(target))
+    return int(activation_cache.MEMORY_BUDGET_FRACTION * available_memory(target))
+
+
+def check_memory(model, names: list[str], batch: int, positions: int, key_positions: int,
+                 dtype: torch.dtype, memory_budget: int | None = None, device=None, patterns: str = "stored") -> int:
+    """Estimated bytes of a capture; raises MemoryError with the estimate and the biggest hooks to drop."""
+    sizes = capture_sizes(model, names, batch, positions, key_positions, dtype, patterns)
+    total, budget = sum(sizes.values()), memory_budget_bytes(model, memory_budget, device)
     if total > budget:
+        by_kind: dict[str, int] = defaultdict(int)
+        for name, nbytes in sizes.items():
+            by_kind[name.rsplit(".", 1)[-1] if layer_of(name) is not None else name] += nbytes
+        biggest = sorted(by_kind.items(), key=lambda item: -item[1])[:3]
+        drop = ", ".join(f"{kind} ({nbytes / 2**20:,.0f} MiB)" for kind, nbytes in biggest)
         raise MemoryError(
             f"capturing {len(names)} activations for {batch} x {positions} tokens needs about "
-            f"{total / 2**20:,.0f} MiB, over the budget of {budget / 2**20:,.0f} MiB; pass a names_filter "
-            "(e.g. names_filter=lambda n: n.endswith('hook_pattern') and n.startswith('blocks.0.')) "
-            "or a larger memory_budget=")
+            f"{total / 2**20:,.0f} MiB (patterns={patterns!r}), over the budget of {budget / 2**20:,.0f} MiB; "
+            f"the biggest are {drop}. Drop some with a names_filter "
+            "(e.g. names_filter=lambda n: n.endswith('hook_pattern') and n.startswith('blocks.0.')), "
+            "use patterns='lazy', or pass a larger memory_budget=")
     return total
+
+
+def choose_patterns(model, names: list[str], batch: int, positions: int, key_positions: int,
+                    memory_budget: int | None = None, device=None, patterns: str = "stored") -> str:
+    """`patterns`, or "lazy" with a warning when stored patterns would exceed the budget and lazy fits."""
+    check_patterns_mode(patterns)
+    dtype, budget = model.dtype, memory_budget_bytes(model, memory_budget, device)
+    if patterns == "stored" and any(is_pattern_shaped(n) for n in names):
+        stored = sum(capture_sizes(model, names, batch, positions, key_positions, dtype, "stored").values())
+        lazy = sum(capture_sizes(model, names, batch, positions, key_positions, dtype, "lazy").values())
+        if stored > budget >= lazy:
+            warnings.warn(f"stored patterns would take about {stored / 2**20:,.0f} MiB, over the budget of "
+                          f"{budget / 2**20:,.0f} MiB; keeping them lazy ({lazy / 2**20:,.0f} MiB: rot_q/rot_k, "
+                          "computed when read). Pass patterns='lazy' to silence this.", stacklevel=3)
+            patterns = "lazy"
+    check_memory(model, names, batch, positions, key_positions, dtype, budget, device, patterns)
+    return patterns
+
+
+class Recorder:
+    """Records the named activations of one forward, or of every step of a decode loop.
+
+    Per-position activations are joined along positions. With `length` (a decode loop), stored
+    patterns/scores rows are written into one [b, h, T, T] matrix allocated at the first step, so
+    no per-step pieces are held beside it. Lazy pattern names record their layer's rot_q / rot_k.
+    """
+
+    def __init__(self, model, names: list[str], patterns: str = "stored", device=None, length: int | None = None):
+        self.model, self.device, self.length = model, device, length
+        self.stored, self.lazy, self.pieces = recorded_names(names, check_patterns_mode(patterns))
+        self.parts: dict[str, list[torch.Tensor]] = {n: [] for n in dict.fromkeys([*self.stored, *self.pieces])}
+        self.matrices: dict[str, torch.Tensor] = {}  # name -> [b, h, T, T] while decoding
+        self.rows_written: dict[str, int] = {}
+
+    def hooks(self) -> list[tuple[str, callable]]:
+        return [(name, self.record) for name in self.parts]
+
+    def record(self, x: torch.Tensor, hook) -> None:
+        x = x.detach() if self.device is None else x.detach().to(self.device)
+        if self.length is not None and is_pattern_shaped(hook.name):
+            self._write_rows(hook.name, x)
+        else:
+            self.parts[hook.name].append(x)
+
+    def _write_rows(self, name: str, part: torch.Tensor) -> None:
+        """Copy one step's rows part [b, h, p_step, k_step] into the full matrix."""
+        if name not in self.matrices:
+            fill = 0.0 if name.endswith("hook_pattern") else torch.finfo(part.dtype).min  # as masked scores
+            self.matrices[name] = part.new_full((*part.shape[:2], self.length, self.length), fill)  # [b, h, T, T]
+        full, row = self.matrices[name], self.rows_written.get(name, 0)
+        rows = min(part.shape[2], self.length - row)
+        full[:, :, row:row + rows, :part.shape[3]] = part[:, :, :rows, :self.length]
+        self.rows_written[name] = row + rows
+
+    def past_keys(self, cache, past_length: int) -> dict[int, torch.Tensor]:
+        """Rotated keys a KV cache already holds, per lazy layer: [b, past, g, d] (copied before the forward)."""
+        if cache is None or past_length == 0 or not self.lazy:
+            return {}
+        layers = {layer_of(n) for n in self.lazy}
+        return {layer: cache.keys[layer][:, :, :past_length].transpose(1, 2).detach().clone() for layer in layers}
+
+    def finish(self, mask: AttentionMask, tokens: torch.Tensor, length: int | None = None,
+               past_keys: dict[int, torch.Tensor] | None = None) -> ActivationCache:
+        """The ActivationCache of what was recorded; `length` trims decode captures to T positions."""
+        joined = {name: self._join(name, length) for name in list(self.parts)}
+        tensors = {name: self._matrix(name, length) if name in self.matrices else joined[name] for name in self.stored}
+        lazy = None
+        if self.lazy:
+            pieces = {}
+            for layer in sorted({layer_of(n) for n in self.lazy}):
+                q_name, k_name = lazy_piece_names(layer)
+                keys = joined[k_name]
+                if past_keys and layer in past_keys:
+                    keys = torch.cat([past_keys[layer].to(keys.device), keys], dim=1)  # [b, k, g, d]
+                pieces[layer] = (joined[q_name], keys)
+            recipe = mask.to(self.device) if self.device is not None else mask
+            lazy = LazyPatterns(pieces, recipe, self.model.config.head_dim ** -0.5, self.lazy)
+        return ActivationCache(tensors, model=self.model, tokens=tokens.detach().cpu(), lazy=lazy)
+
+    def _join(self, name: str, length: int | None) -> torch.Tensor | None:
+        parts = self.parts.pop(name)
+        if not parts:
+            return None
+        if len(parts) == 1 and length is None:
+            return parts[0]
+        return torch.cat(parts, dim=1)[:, :length]
+
+    def _matrix(self, name: str, length: int) -> torch.Tensor:
+        full = self.matrices.pop(name)
+        return full if full.shape[2] == length else full[:, :, :length, :length].clone()
 
 
 class CachingMixin:
     """Adds run_with_cache to a HookedRootModule."""
 
     def run_with_cache(self, input_ids: torch.Tensor, names_filter=None, device=None,
-                       memory_budget: int | None = None, **forward_kwargs):
-        """One forward that records the named activations: (logits or last hidden state, ActivationCache)."""
+                       memory_budget: int | None = None, patterns: str = "stored", **forward_kwargs):
+        """One forward that records the named activations: (logits or last hidden state, ActivationCache).
+
+        patterns="lazy" keeps rot_q / rot_k for the selected hook_pattern / hook_attn_scores and
+        computes them when read; "stored" (the default) switches to lazy with a warning when the
+        matrices would exceed the memory budget.
+        """
         names = self.resolve_hook_names(names_filter)
         batch, positions = input_ids.shape[:2]
         past = forward_kwargs.get("past_key_values")
-        key_positions = positions + (past.get_seq_length() if past is not None else 0)
-        check_memory(self, names, batch, positions, key_positions, self.dtype, memory_budget, device)
-        store: dict[str, torch.Tensor] = {}
-
-        def record(x: torch.Tensor, hook) -> None:
-            store[hook.name] = x.detach() if device is None else x.detach().to(device)
-
-        with self.hooks(fwd_hooks=[(name, record) for name in names]):
+        past_length = past.get_seq_length() if past is not None else 0
+        patterns = choose_patterns(self, names, batch, positions, positions + past_length, memory_budget, device,
+                                   patterns)
+        recorder = Recorder(self, names, patterns, device)
+        past_keys = recorder.past_keys(past, past_length)
+        mask = AttentionMask(positions, past_length, forward_kwargs.get("attention_mask"), self.config.sliding_window,
+                             getattr(past, "key_length", None), input_ids.device)
+        with self.hooks(fwd_hooks=recorder.hooks()):
             out = self(input_ids, **forward_kwargs)
         primary = out.logits if getattr(out, "logits", None) is not None else out[0]
-        return primary, ActivationCache(store, model=self, tokens=input_ids.detach().cpu())
+        return primary, recorder.finish(mask, input_ids, past_keys=past_keys)

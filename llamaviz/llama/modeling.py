@@ -17,7 +17,7 @@ from .attention import LlamaAttention
 from .cache import DynamicCache
 from .config import LlamaConfig
 from .hook_points import HookedRootModule, HookPoint
-from .masks import attend_somewhere, build_mask
+from .masks import AttentionMask
 from .outputs import BaseModelOutput, CausalLMOutput
 from .quantize import check_quantization, quantize_model
 from .rope import RotaryEmbedding, rotary_embedding
@@ -71,11 +71,11 @@ class LlamaDecoderLayer(nn.Module):
         self.hook_mlp_out = HookPoint()  # [b, p, m]
         self.hook_resid_post = HookPoint()  # [b, p, m]
 
-    def forward(self, x, cos, sin, mask, cache=None, output_attentions=False, causal_mask=None):
+    def forward(self, x, cos, sin, mask: AttentionMask, cache=None, output_attentions=False):
         """x [b, p, m] -> (x [b, p, m], pattern [b, h, p, k] or None)."""
         resid_pre = self.hook_resid_pre(x)
         attn_out, pattern = self.self_attn(self.input_layernorm(resid_pre), cos, sin, mask, cache,
-                                           output_attentions, causal_mask)
+                                           output_attentions)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
         mlp_out = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out), pattern
@@ -199,12 +199,13 @@ class LlamaModel(LlamaPreTrainedModel):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past, p, x.device)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # [b, p, d] each
-        mask, causal_mask = self._attention_mask(attention_mask, p, past, cache, x.device)
+        mask = AttentionMask(p, past, attention_mask, self.config.sliding_window,
+                             getattr(cache, "key_length", None), x.device)
         hidden, attentions = [], []
         for layer in self.layers:
             if output_hidden_states:
                 hidden.append(x)
-            x, pattern = layer(x, cos, sin, mask, cache, output_attentions, causal_mask)
+            x, pattern = layer(x, cos, sin, mask, cache, output_attentions)
             if output_attentions:
                 attentions.append(pattern)
         x = self.norm(x)
@@ -229,22 +230,6 @@ class LlamaModel(LlamaPreTrainedModel):
         if total > limit and self.config.rope_type != "dynamic":
             raise ValueError(f"sequence of {total} tokens is longer than the model's context of {limit} "
                              "(config.max_position_embeddings)")
-
-    def _attention_mask(self, attention_mask, p, past, cache, device):
-        """(mask or None for plain causal, a builder of the explicit mask for the eager path)."""
-        key_length = getattr(cache, "key_length", None) or past + p
-        window = self.config.sliding_window
-        plain = ((attention_mask is None or bool(attention_mask.all())) and key_length == past + p
-                 and (window is None or past + p <= window) and (past == 0 or p == 1))
-
-        built: list[torch.Tensor] = []  # the mask is built at most once per forward, and only if a layer needs it
-
-        def explicit() -> torch.Tensor:
-            if not built:
-                built.append(attend_somewhere(build_mask(p, key_length, past, attention_mask, window, device)))
-            return built[0]
-
-        return (None if plain else explicit()), explicit
 
 
 class LlamaForCausalLM(LlamaPreTrainedModel):

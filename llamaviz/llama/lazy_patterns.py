@@ -1,0 +1,136 @@
+"""Attention patterns computed when read, from the rotated queries/keys and the mask recipe.
+
+A pattern is a function of rot_q [b, p, h, d], rot_k [b, k, g, d], the mask and the scale, so a
+cache can keep those (linear in T) instead of [b, h, p, k] matrices (quadratic). Reading goes
+through `masked_scores` / `softmax_pattern`, the eager path's own arithmetic, so the numbers equal
+a captured pattern. One head or a window of queries computes only that head and those rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import masked_scores, repeat_kv, softmax_pattern
+from .hook_points import layer_of
+from .masks import AttentionMask
+
+KINDS = {"hook_pattern": "pattern", "hook_attn_scores": "attn_scores"}
+
+
+def lazy_piece_names(layer: int) -> tuple[str, str]:
+    """The hooks a lazy pattern of `layer` is computed from."""
+    return f"blocks.{layer}.attn.hook_rot_q", f"blocks.{layer}.attn.hook_rot_k"
+
+
+def query_window(queries, length: int) -> tuple[int, int]:
+    """A slice (step 1) or an int of query rows -> (start, stop) inside 0..length; anything else raises."""
+    if isinstance(queries, int) and not isinstance(queries, bool):
+        index = queries + length if queries < 0 else queries
+        if not 0 <= index < length:
+            raise IndexError(f"query {queries} is outside the sequence of {length} positions")
+        return index, index + 1
+    if not isinstance(queries, slice) or queries.step not in (None, 1):
+        raise TypeError(f"queries must be an int or a slice with step 1 (e.g. slice(0, 512)), got {queries!r}")
+    start = 0 if queries.start is None else queries.start + (length if queries.start < 0 else 0)
+    stop = length if queries.stop is None else queries.stop + (length if queries.stop < 0 else 0)
+    if not 0 <= start < stop <= length:
+        raise IndexError(f"query window {queries.start}:{queries.stop} is outside the sequence of {length} "
+                         f"positions (accepted: 0 <= start < stop <= {length})")
+    return start, stop
+
+
+class LazyPatterns:
+    """Per layer (rot_q [b, p, h, d], rot_k [b, k, g, d]) plus one mask recipe; patterns on demand.
+
+    `names` are the pattern-shaped hook names the capture asked for; each reads as the tensor the
+    eager path would have produced. `batched=False` after remove_batch_dim (results drop dim 0).
+    """
+
+    def __init__(self, pieces: dict[int, tuple[torch.Tensor, torch.Tensor]], mask: AttentionMask, scale: float,
+                 names: list[str], batched: bool = True):
+        self.pieces, self.mask, self.scale, self.batched = dict(pieces), mask, scale, batched
+        self.names = list(names)
+        missing = [n for n in self.names if layer_of(n) not in self.pieces]
+        if missing:
+            raise ValueError(f"lazy patterns for {missing} have no rot_q/rot_k pieces")
+        self.computed_heads = 0  # query heads computed so far: lets a test see that one head costs one head
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    @property
+    def nbytes(self) -> int:
+        return sum(q.nbytes + k.nbytes for q, k in self.pieces.values())
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole activation `name` ([b, h, p, k], or [h, p, k] without the batch dim)."""
+        return self.compute(layer_of(name), KINDS[name.rsplit(".", 1)[-1]])
+
+    def compute(self, layer: int, kind: str = "pattern", head: int | None = None, queries=slice(None)) -> torch.Tensor:
+        """Pattern or scores of `layer`: [b, h, q, k], or [b, q, k] for one head (no b when unbatched)."""
+        if layer not in self.pieces:
+            q_name, k_name = lazy_piece_names(layer)
+            raise KeyError(f"no lazy pattern for layer {layer}: capture {q_name} and {k_name} (or the layer's "
+                           f"hook_pattern with patterns='lazy'); layers held: {sorted(self.pieces)}")
+        rot_q, rot_k = self.pieces[layer]  # [b, p, h, d], [b, k, g, d]
+        start, stop = query_window(queries, rot_q.shape[1])
+        q = rot_q[:, start:stop].transpose(1, 2)  # [b, h, q, d]
+        k = self._keys(rot_k)  # [b, g, k, d]
+        heads, groups = q.shape[1], q.shape[1] // k.shape[1]
+        if head is not None:
+            if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
+                raise IndexError(f"head {head!r} is out of range; accepted: 0..{heads - 1}")
+            q, k = q[:, head:head + 1], k[:, head // groups:head // groups + 1]  # [b, 1, q, d], [b, 1, k, d]
+        else:
+            k = repeat_kv(k, groups)  # [b, h, k, d]
+        self.computed_heads += q.shape[1]
+        with torch.no_grad():
+            mask = self.mask.rows(start, stop).to(q.device)  # [b|1, 1, q, k]
+            result = masked_scores(q, k, mask, self.scale)
+            if kind == "pattern":
+                result = softmax_pattern(result)
+            elif kind != "attn_scores":
+                raise ValueError(f"kind must be 'pattern' or 'attn_scores', got {kind!r}")
+        if head is not None:
+            result = result[:, 0]
+        return result if self.batched else result[0]
+
+    def _keys(self, rot_k: torch.Tensor) -> torch.Tensor:
+        """rot_k [b, k, g, d] -> [b, g, key_length, d]; a static cache's unwritten tail is zeros, as there."""
+        k = rot_k.transpose(1, 2)
+        missing = self.mask.key_length - k.shape[2]
+        if missing > 0:
+            k = torch.cat([k, k.new_zeros(*k.shape[:2], missing, k.shape[3])], dim=2)
+        return k
+
+    def to(self, device) -> "LazyPatterns":
+        pieces = {layer: (q.to(device), k.to(device)) for layer, (q, k) in self.pieces.items()}
+        return LazyPatterns(pieces, self.mask.to(device), self.scale, self.names, self.batched)
+
+    def without_batch(self) -> "LazyPatterns":
+        """For remove_batch_dim: results lose their batch dimension of 1."""
+        batch = next(iter(self.pieces.values()))[0].shape[0] if self.pieces else 1
+        if not self.batched or batch != 1:
+            raise ValueError(f"remove_batch_dim needs a batch of 1, the lazy patterns hold {batch}")
+        return LazyPatterns(self.pieces, self.mask, self.scale, self.names, batched=False)
+
+    # ----- saving: tensors under "lazy." names, the recipe in JSON -----
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {}
+        for layer, (q, k) in self.pieces.items():
+            tensors[f"lazy.{layer}.rot_q"], tensors[f"lazy.{layer}.rot_k"] = q, k
+        if self.mask.attention_mask is not None:
+            tensors["lazy.attention_mask"] = self.mask.attention_mask
+        m = self.mask
+        meta = {"names": self.names, "scale": self.scale, "batched": self.batched, "query_length": m.query_length,
+                "past_length": m.past_length, "key_length": m.key_length, "sliding_window": m.sliding_window}
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "LazyPatterns":
+        layers = {int(name.split(".")[1]) for name in tensors if name.endswith(".rot_q")}
+        pieces = {layer: (tensors[f"lazy.{layer}.rot_q"], tensors[f"lazy.{layer}.rot_k"]) for layer in layers}
+        mask = AttentionMask(meta["query_length"], meta["past_length"], tensors.get("lazy.attention_mask"),
+                             meta["sliding_window"], meta["key_length"])
+        return cls(pieces, mask, meta["scale"], meta["names"], meta["batched"])
