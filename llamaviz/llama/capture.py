@@ -85,8 +85,9 @@ def check_memory(model, names: list[str], batch: int, positions: int, key_positi
             f"capturing {len(names)} activations for {batch} x {positions} tokens needs about "
             f"{total / 2**20:,.0f} MiB (patterns={patterns!r}), over the budget of {budget / 2**20:,.0f} MiB; "
             f"the biggest are {drop}. Drop some with a names_filter "
-            "(e.g. names_filter=lambda n: n.endswith('hook_pattern') and n.startswith('blocks.0.')), "
-            "use patterns='lazy', or pass a larger memory_budget=")
+            "(e.g. names_filter=lambda n: n.endswith('hook_pattern') and n.startswith('blocks.0.'))"
+            + (", use patterns='lazy'," if patterns == "stored" and any(map(is_pattern_shaped, names)) else "")
+            + " or pass a larger memory_budget=")
     return total
 
 
@@ -102,7 +103,8 @@ def choose_patterns(model, names: list[str], batch: int, positions: int, key_pos
             warnings.warn(f"stored patterns would take about {stored / 2**20:,.0f} MiB, over the budget of "
                           f"{budget / 2**20:,.0f} MiB; keeping them lazy ({lazy / 2**20:,.0f} MiB: rot_q/rot_k, "
                           "computed when read). Pass patterns='lazy' to silence this.", stacklevel=3)
-            patterns = "lazy"
+        if stored > budget:
+            patterns = "lazy"  # fits, or the error below gives the lazy estimate: even that is too big
     check_memory(model, names, batch, positions, key_positions, dtype, budget, device, patterns)
     return patterns
 
