@@ -66,8 +66,12 @@ class LazyPatterns:
         """The whole activation `name` ([b, h, p, k], or [h, p, k] without the batch dim)."""
         return self.compute(layer_of(name), KINDS[name.rsplit(".", 1)[-1]])
 
-    def compute(self, layer: int, kind: str = "pattern", head: int | None = None, queries=slice(None)) -> torch.Tensor:
-        """Pattern or scores of `layer`: [b, h, q, k], or [b, q, k] for one head (no b when unbatched)."""
+    def compute(self, layer: int, kind: str = "pattern", head: int | None = None, queries=slice(None),
+                key_stop: int | None = None) -> torch.Tensor:
+        """Pattern or scores of `layer`: [b, h, q, k], or [b, q, k] for one head (no b when unbatched).
+
+        key_stop cuts the keys (for causal blocks, whose later keys are masked: mask.visible_keys).
+        """
         if layer not in self.pieces:
             q_name, k_name = lazy_piece_names(layer)
             raise KeyError(f"no lazy pattern for layer {layer}: capture {q_name} and {k_name} (or the layer's "
@@ -75,7 +79,7 @@ class LazyPatterns:
         rot_q, rot_k = self.pieces[layer]  # [b, p, h, d], [b, k, g, d]
         start, stop = query_window(queries, rot_q.shape[1])
         q = rot_q[:, start:stop].transpose(1, 2)  # [b, h, q, d]
-        k = self._keys(rot_k)  # [b, g, k, d]
+        k = self._keys(rot_k)[:, :, :key_stop]  # [b, g, k, d]
         heads, groups = q.shape[1], q.shape[1] // k.shape[1]
         if head is not None:
             if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
@@ -85,7 +89,7 @@ class LazyPatterns:
             k = repeat_kv(k, groups)  # [b, h, k, d]
         self.computed_heads += q.shape[1]
         with torch.no_grad():
-            mask = self.mask.rows(start, stop).to(q.device)  # [b|1, 1, q, k]
+            mask = self.mask.rows(start, stop, key_stop).to(q.device)  # [b|1, 1, q, k]
             result = masked_scores(q, k, mask, self.scale)
             if kind == "pattern":
                 result = softmax_pattern(result)

@@ -123,14 +123,23 @@ class AttentionMask:
             self._dense = self.rows(0, self.query_length)
         return self._dense
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """bool [b|1, 1, stop - start, k] for queries start..stop-1 of this step (not kept)."""
+    def visible_keys(self, stop: int) -> int:
+        """Keys that queries before `stop` may see: past + stop for causal rows without padding, else all.
+
+        (A padding row attends everywhere, see attend_somewhere, so a mask with padding keeps every key.)
+        """
+        if self.attention_mask is not None and not bool(self.attention_mask.all()):
+            return self.key_length
+        return min(self.key_length, self.past_length + stop)
+
+    def rows(self, start: int, stop: int, key_stop: int | None = None) -> torch.Tensor:
+        """bool [b|1, 1, stop - start, k] for queries start..stop-1 (keys cut at key_stop); not kept."""
         if not 0 <= start < stop <= self.query_length:
             raise ValueError(f"query window {start}:{stop} is outside the {self.query_length} queries "
                              f"(accepted: 0 <= start < stop <= {self.query_length})")
         mask = build_mask(stop - start, self.key_length, self.past_length + start, self.attention_mask,
                           self.sliding_window, self.device)
-        return attend_somewhere(mask)
+        return attend_somewhere(mask)[..., :key_stop]
 
     def to(self, device) -> "AttentionMask":
         """The same recipe on another device (the built tensor is not carried)."""
