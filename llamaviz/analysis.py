@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from llamaviz.llama.activation_cache import ActivationCache
+from llamaviz.llama.lazy_patterns import pattern_rows
 
 
 DETECTORS = ("previous-token", "induction", "sink", "duplicate-token", "entropy")
@@ -119,13 +120,13 @@ def head_scores(cache: ActivationCache, tokens: torch.Tensor | None = None, kind
     layers = cache._num_layers()
     rows: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
     for layer in range(layers):
-        first = _pattern_block(cache, layer, 0, 1, all_keys=True)  # [b, h, 1, k]
+        first = pattern_rows(cache, layer, 0, 1, visible_only=False)  # [b, h, 1, k]
         h, k = first.shape[1], first.shape[3]
         p = _query_count(cache, layer)
         sums = _ScoreSums(kinds, h)
         for start in range(0, p, chunk):
             stop = min(p, start + chunk)
-            block = _pattern_block(cache, layer, start, stop)
+            block = pattern_rows(cache, layer, start, stop)
             sums.add(block.float(), tokens, start, p, k)
         for kind, value in sums.result().items():
             rows[kind].append(value)
@@ -138,17 +139,6 @@ def _query_count(cache: ActivationCache, layer: int) -> int:
     if cache.lazy is not None and layer in cache.lazy.pieces:
         return cache.lazy.pieces[layer][0].shape[1]  # rot_q [b, p, h, d]
     return cache["pattern", layer].shape[-2]
-
-
-def _pattern_block(cache: ActivationCache, layer: int, start: int, stop: int, all_keys: bool = False) -> torch.Tensor:
-    """[b, h, stop - start, k'] pattern rows; lazily over the visible keys only (k' <= k) unless all_keys."""
-    lazy = cache.lazy
-    if lazy is not None and layer in lazy.pieces:
-        key_stop = None if all_keys else lazy.mask.visible_keys(stop)
-        block = lazy.compute(layer, "pattern", queries=slice(start, stop), key_stop=key_stop)
-    else:
-        block = cache.pattern(layer, queries=slice(start, stop))
-    return block if block.dim() == 4 else block[None]
 
 
 def repeated_random_tokens(vocab_size: int, length: int = 50, batch: int = 4, bos_token_id: int | None = None,

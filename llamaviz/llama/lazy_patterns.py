@@ -138,3 +138,19 @@ class LazyPatterns:
         mask = AttentionMask(meta["query_length"], meta["past_length"], tensors.get("lazy.attention_mask"),
                              meta["sliding_window"], meta["key_length"])
         return cls(pieces, mask, meta["scale"], meta["names"], meta["batched"])
+
+
+def pattern_rows(cache, layer: int, start: int, stop: int, head: int | None = None,
+                 visible_only: bool = True) -> torch.Tensor:
+    """Rows start..stop-1 of a cache's pattern (lazy or stored): [b, h, c, k'], or [b, c, k'] for one head.
+
+    With visible_only, a lazy block is computed over the keys its causal queries can see
+    (k' = mask.visible_keys(stop) <= k; the later keys are exact zeros): half the work on average.
+    """
+    lazy = cache.lazy
+    if lazy is not None and layer in lazy.pieces:
+        key_stop = lazy.mask.visible_keys(stop) if visible_only else None
+        block = lazy.compute(layer, "pattern", head, slice(start, stop), key_stop)
+        return block if lazy.batched else block[None]
+    block = cache.pattern(layer, head, slice(start, stop))
+    return block if block.dim() == (4 if head is None else 3) else block[None]
