@@ -308,3 +308,20 @@ def test_default_model_mask_without_weights(default_gguf):
     [rows] = parse(viz.render(PROMPT, color=False, width=200))
     assert [label for label, _, _ in rows] == [repr(t) for t in viz.tokenizer.convert_ids_to_tokens(ids)]
     assert viz._model is None
+
+
+def test_rows_window_shows_and_computes_only_those_queries(viz):
+    text = " ".join(["energy", "plants", "light"] * 8)
+    n = len(viz.tokenizer.encode(text))
+    pattern = reference_pattern(viz, text, 1)[2]  # [n, n]
+    [rows] = parse(viz.render(text, layer=1, head=2, color=False, width=300, rows=(10, 14)))
+    assert [position for _, position, _ in rows] == [10, 11, 12, 13]
+    for _, position, [cells] in rows:
+        assert len(cells) == 14  # keys up to the last row shown
+        assert cells[int(pattern[position, : position + 1].argmax())] == SHADES[-1]
+    [mask_rows] = parse(viz.render(text, color=False, width=300, rows=(0, 3)))
+    assert [position for _, position, _ in mask_rows] == [0, 1, 2]
+    with pytest.raises(ValueError, match=rf"rows must be \(start, stop\) with 0 <= start < stop <= {n}"):
+        viz.render(text, layer=1, rows=(5, n + 1))
+    with pytest.raises(ValueError, match="rows= and past_length= both"):
+        viz.render(text, rows=(1, 3), past_length=1)
