@@ -137,7 +137,7 @@ def head_scores(cache: ActivationCache, tokens: torch.Tensor | None = None, kind
 
 def _query_count(cache: ActivationCache, layer: int) -> int:
     if cache.lazy is not None and layer in cache.lazy.pieces:
-        return cache.lazy.pieces[layer][0].shape[1]  # rot_q [b, p, h, d]
+        return cache.lazy.pieces[layer].queries
     return cache["pattern", layer].shape[-2]
 
 

@@ -16,10 +16,11 @@ import torch
 from . import activation_cache
 from .activation_cache import ActivationCache
 from .hook_points import activation_numel, is_pattern_shaped, layer_of
-from .lazy_patterns import LazyPatterns, lazy_piece_names
+from .lazy_patterns import LazyPatterns, ResidualPieces, StoredPieces, lazy_piece_names
 from .masks import AttentionMask
 
-PATTERN_MODES = ("stored", "lazy")
+PATTERN_MODES = ("stored", "lazy", "recompute")
+LAZY_MODES = ("lazy", "recompute")  # "recompute": rot_q / rot_k from the kept resid_pre, nothing else stored
 
 
 def check_patterns_mode(patterns: str) -> str:
@@ -29,11 +30,13 @@ def check_patterns_mode(patterns: str) -> str:
 
 
 def recorded_names(names: list[str], patterns: str) -> tuple[list[str], list[str], list[str]]:
-    """(stored names, lazy pattern-shaped names, rot_q/rot_k pieces the lazy ones are computed from)."""
-    lazy = [n for n in names if patterns == "lazy" and is_pattern_shaped(n)]
+    """(stored names, lazy pattern-shaped names, the pieces those are computed from: rot_q/rot_k or resid_pre)."""
+    lazy = [n for n in names if patterns in LAZY_MODES and is_pattern_shaped(n)]
     stored = [n for n in names if n not in lazy]
-    pieces = list(dict.fromkeys(piece for n in lazy for piece in lazy_piece_names(layer_of(n))))
-    return stored, lazy, pieces
+    layers = list(dict.fromkeys(layer_of(n) for n in lazy))
+    if patterns == "recompute":
+        return stored, lazy, [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+    return stored, lazy, [piece for layer in layers for piece in lazy_piece_names(layer)]
 
 
 def capture_sizes(model, names: list[str], batch: int, positions: int, key_positions: int,
@@ -43,7 +46,7 @@ def capture_sizes(model, names: list[str], batch: int, positions: int, key_posit
     stored, _, pieces = recorded_names(names, patterns)
     sizes = {n: activation_numel(n, model.config, batch, positions, key_positions) * size for n in stored}
     for piece in pieces:
-        span = key_positions if piece.endswith("rot_k") else positions
+        span = key_positions if piece.endswith("rot_k") else positions  # a resid_pre piece spans the queries
         sizes[piece] = max(sizes.get(piece, 0), activation_numel(piece, model.config, batch, span, key_positions) * size)
     return sizes
 
@@ -118,8 +121,8 @@ class Recorder:
     """
 
     def __init__(self, model, names: list[str], patterns: str = "stored", device=None, length: int | None = None):
-        self.model, self.device, self.length = model, device, length
-        self.stored, self.lazy, self.pieces = recorded_names(names, check_patterns_mode(patterns))
+        self.model, self.device, self.length, self.patterns = model, device, length, check_patterns_mode(patterns)
+        self.stored, self.lazy, self.pieces = recorded_names(names, patterns)
         self.parts: dict[str, list[torch.Tensor]] = {n: [] for n in dict.fromkeys([*self.stored, *self.pieces])}
         self.matrices: dict[str, torch.Tensor] = {}  # name -> [b, h, T, T] while decoding
         self.rows_written: dict[str, int] = {}
@@ -152,22 +155,40 @@ class Recorder:
         return {layer: cache.keys[layer][:, :, :past_length].transpose(1, 2).detach().clone() for layer in layers}
 
     def finish(self, mask: AttentionMask, tokens: torch.Tensor, length: int | None = None,
-               past_keys: dict[int, torch.Tensor] | None = None) -> ActivationCache:
+               past_keys: dict[int, torch.Tensor] | None = None, position_ids=None) -> ActivationCache:
         """The ActivationCache of what was recorded; `length` trims decode captures to T positions."""
         joined = {name: self._join(name, length) for name in list(self.parts)}
         tensors = {name: self._matrix(name, length) if name in self.matrices else joined[name] for name in self.stored}
         lazy = None
         if self.lazy:
-            pieces = {}
-            for layer in sorted({layer_of(n) for n in self.lazy}):
-                q_name, k_name = lazy_piece_names(layer)
-                keys = joined[k_name]
-                if past_keys and layer in past_keys:
-                    keys = torch.cat([past_keys[layer].to(keys.device), keys], dim=1)  # [b, k, g, d]
-                pieces[layer] = (joined[q_name], keys)
+            layers = sorted({layer_of(n) for n in self.lazy})
+            if self.patterns == "recompute":
+                pieces = self._residual_pieces(layers, joined, mask, position_ids)
+            else:
+                pieces = {layer: self._stored_pieces(layer, joined, past_keys) for layer in layers}
             recipe = mask.to(self.device) if self.device is not None else mask
             lazy = LazyPatterns(pieces, recipe, self.model.config.head_dim ** -0.5, self.lazy)
         return ActivationCache(tensors, model=self.model, tokens=tokens.detach().cpu(), lazy=lazy)
+
+    @staticmethod
+    def _stored_pieces(layer: int, joined: dict, past_keys) -> StoredPieces:
+        q_name, k_name = lazy_piece_names(layer)
+        keys = joined[k_name]
+        if past_keys and layer in past_keys:
+            keys = torch.cat([past_keys[layer].to(keys.device), keys], dim=1)  # [b, k, g, d]
+        return StoredPieces(joined[q_name], keys)
+
+    def _residual_pieces(self, layers: list[int], joined: dict, mask: AttentionMask, position_ids) -> dict:
+        """ResidualPieces per layer, with the RoPE tables of the positions the forward used."""
+        from .modeling import default_position_ids  # modeling imports this module
+
+        base = getattr(self.model, "model", self.model)
+        first = joined[f"blocks.{layers[0]}.hook_resid_pre"]  # [b, p, m]
+        if position_ids is None:
+            position_ids = default_position_ids(mask.attention_mask, 0, first.shape[1], first.device)
+        cos, sin = base.rotary_emb(position_ids.to(first.device), first.dtype)  # [b|1, p, d]
+        return {layer: ResidualPieces(base.layers[layer], joined[f"blocks.{layer}.hook_resid_pre"], cos, sin)
+                for layer in layers}
 
     def _join(self, name: str, length: int | None) -> torch.Tensor | None:
         parts = self.parts.pop(name)
@@ -190,13 +211,17 @@ class CachingMixin:
         """One forward that records the named activations: (logits or last hidden state, ActivationCache).
 
         patterns="lazy" keeps rot_q / rot_k for the selected hook_pattern / hook_attn_scores and
-        computes them when read; "stored" (the default) switches to lazy with a warning when the
-        matrices would exceed the memory budget.
+        computes them when read; "recompute" keeps only those layers' resid_pre and rebuilds q / k
+        from it (no hook may edit q / k meanwhile); "stored" (the default) switches to lazy with a
+        warning when the matrices would exceed the memory budget.
         """
         names = self.resolve_hook_names(names_filter)
         batch, positions = input_ids.shape[:2]
         past = forward_kwargs.get("past_key_values")
         past_length = past.get_seq_length() if past is not None else 0
+        if patterns == "recompute" and past is not None:
+            raise ValueError("patterns='recompute' rebuilds q/k from this forward's resid_pre, which does not cover "
+                             "the keys already in past_key_values; use patterns='lazy' (or 'stored') with a KV cache")
         patterns = choose_patterns(self, names, batch, positions, positions + past_length, memory_budget, device,
                                    patterns)
         recorder = Recorder(self, names, patterns, device)
@@ -206,4 +231,5 @@ class CachingMixin:
         with self.hooks(fwd_hooks=recorder.hooks()):
             out = self(input_ids, **forward_kwargs)
         primary = out.logits if getattr(out, "logits", None) is not None else out[0]
-        return primary, recorder.finish(mask, input_ids, past_keys=past_keys)
+        return primary, recorder.finish(mask, input_ids, past_keys=past_keys,
+                                        position_ids=forward_kwargs.get("position_ids"))

@@ -13,6 +13,7 @@ import torch
 from .attention import masked_scores, repeat_kv, softmax_pattern
 from .hook_points import layer_of
 from .masks import AttentionMask
+from .rope import apply_rope
 
 KINDS = {"hook_pattern": "pattern", "hook_attn_scores": "attn_scores"}
 
@@ -39,16 +40,101 @@ def query_window(queries, length: int) -> tuple[int, int]:
     return start, stop
 
 
+class StoredPieces:
+    """One layer's rot_q [b, p, h, d] and rot_k [b, k, g, d] as captured."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor):
+        self.q, self.k = q, k
+
+    @property
+    def queries(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.k.nbytes
+
+    def rot_q(self, start: int, stop: int, heads: slice) -> torch.Tensor:
+        return self.q[:, start:stop, heads]  # [b, c, h', d]
+
+    def rot_k(self, key_stop: int | None, groups: slice) -> torch.Tensor:
+        return self.k[:, :key_stop, groups]  # [b, k', g', d]
+
+    def to(self, device) -> "StoredPieces":
+        return StoredPieces(self.q.to(device), self.k.to(device))
+
+    def stored(self) -> "StoredPieces":
+        return self
+
+
+class ResidualPieces:
+    """rot_q / rot_k recomputed from the layer's resid_pre [b, p, m] by its own norm, projections and RoPE.
+
+    The cache then holds nothing beyond the residual stream it keeps anyway. The numbers are the
+    forward's as long as no hook edited this layer's q / k / normalized input during the capture.
+    """
+
+    def __init__(self, layer, resid_pre: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        self.layer, self.resid_pre, self.cos, self.sin = layer, resid_pre, cos, sin  # cos/sin [b|1, p, d]
+        attn = layer.self_attn
+        self.head_dim, self.heads, self.kv_heads = attn.head_dim, attn.num_heads, attn.kv_heads
+
+    @property
+    def queries(self) -> int:
+        return self.resid_pre.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.cos.nbytes + self.sin.nbytes  # resid_pre is the cache's own activation
+
+    def _rotated(self, proj, start: int, stop: int, heads: slice, count: int) -> torch.Tensor:
+        """Rows start..stop-1 of proj(norm(resid_pre)), heads `heads` of `count`, rotated: [b, c, h', d]."""
+        with torch.no_grad():
+            x = self.layer.input_layernorm(self.resid_pre[:, start:stop])  # [b, c, m]
+            first, last, _ = heads.indices(count)
+            if (first, last) == (0, count):
+                out = proj(x)  # the forward's own call
+            else:
+                rows = slice(first * self.head_dim, last * self.head_dim)
+                bias = None if proj.bias is None else proj.bias[rows]
+                out = torch.nn.functional.linear(x, proj.weight[rows], bias)
+            out = out.view(*x.shape[:2], last - first, self.head_dim)
+            return apply_rope(out, self.cos[:, start:stop], self.sin[:, start:stop])
+
+    def rot_q(self, start: int, stop: int, heads: slice) -> torch.Tensor:
+        return self._rotated(self.layer.self_attn.q_proj, start, stop, heads, self.heads)  # [b, c, h', d]
+
+    def rot_k(self, key_stop: int | None, groups: slice) -> torch.Tensor:
+        stop = self.queries if key_stop is None else min(key_stop, self.queries)
+        return self._rotated(self.layer.self_attn.k_proj, 0, stop, groups, self.kv_heads)  # [b, k', g', d]
+
+    def to(self, device) -> "ResidualPieces":
+        return ResidualPieces(self.layer, self.resid_pre.to(device), self.cos.to(device), self.sin.to(device))
+
+    def stored(self) -> StoredPieces:
+        """The full rot_q / rot_k (for saving: a saved cache does not carry the model)."""
+        every = slice(None)
+        return StoredPieces(self.rot_q(0, self.queries, every), self.rot_k(None, every))
+
+
 class LazyPatterns:
-    """Per layer (rot_q [b, p, h, d], rot_k [b, k, g, d]) plus one mask recipe; patterns on demand.
+    """Per layer its rot_q / rot_k pieces (StoredPieces or ResidualPieces) plus one mask recipe; patterns on demand.
 
     `names` are the pattern-shaped hook names the capture asked for; each reads as the tensor the
     eager path would have produced. `batched=False` after remove_batch_dim (results drop dim 0).
     """
 
-    def __init__(self, pieces: dict[int, tuple[torch.Tensor, torch.Tensor]], mask: AttentionMask, scale: float,
-                 names: list[str], batched: bool = True):
-        self.pieces, self.mask, self.scale, self.batched = dict(pieces), mask, scale, batched
+    def __init__(self, pieces: dict, mask: AttentionMask, scale: float, names: list[str], batched: bool = True):
+        pieces = {layer: StoredPieces(*piece) if isinstance(piece, tuple) else piece for layer, piece in pieces.items()}
+        self.pieces, self.mask, self.scale, self.batched = pieces, mask, scale, batched
         self.names = list(names)
         missing = [n for n in self.names if layer_of(n) not in self.pieces]
         if missing:
@@ -60,7 +146,7 @@ class LazyPatterns:
 
     @property
     def nbytes(self) -> int:
-        return sum(q.nbytes + k.nbytes for q, k in self.pieces.values())
+        return sum(piece.nbytes for piece in self.pieces.values())
 
     def read(self, name: str) -> torch.Tensor:
         """The whole activation `name` ([b, h, p, k], or [h, p, k] without the batch dim)."""
@@ -76,17 +162,19 @@ class LazyPatterns:
             q_name, k_name = lazy_piece_names(layer)
             raise KeyError(f"no lazy pattern for layer {layer}: capture {q_name} and {k_name} (or the layer's "
                            f"hook_pattern with patterns='lazy'); layers held: {sorted(self.pieces)}")
-        rot_q, rot_k = self.pieces[layer]  # [b, p, h, d], [b, k, g, d]
-        start, stop = query_window(queries, rot_q.shape[1])
-        q = rot_q[:, start:stop].transpose(1, 2)  # [b, h, q, d]
-        k = self._keys(rot_k)[:, :, :key_stop]  # [b, g, k, d]
-        heads, groups = q.shape[1], q.shape[1] // k.shape[1]
-        if head is not None:
-            if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
-                raise IndexError(f"head {head!r} is out of range; accepted: 0..{heads - 1}")
-            q, k = q[:, head:head + 1], k[:, head // groups:head // groups + 1]  # [b, 1, q, d], [b, 1, k, d]
+        piece = self.pieces[layer]
+        start, stop = query_window(queries, piece.queries)
+        heads = piece.heads
+        if head is not None and (isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads):
+            raise IndexError(f"head {head!r} is out of range; accepted: 0..{heads - 1}")
+        groups = heads // piece.kv_heads
+        if head is None:
+            q = piece.rot_q(start, stop, slice(None)).transpose(1, 2)  # [b, h, c, d]
+            k = repeat_kv(self._keys(piece.rot_k(key_stop, slice(None)), key_stop), groups)  # [b, h, k, d]
         else:
-            k = repeat_kv(k, groups)  # [b, h, k, d]
+            group = head // groups
+            q = piece.rot_q(start, stop, slice(head, head + 1)).transpose(1, 2)  # [b, 1, c, d]
+            k = self._keys(piece.rot_k(key_stop, slice(group, group + 1)), key_stop)  # [b, 1, k, d]
         self.computed_heads += q.shape[1]
         with torch.no_grad():
             mask = self.mask.rows(start, stop, key_stop).to(q.device)  # [b|1, 1, q, k]
@@ -99,21 +187,23 @@ class LazyPatterns:
             result = result[:, 0]
         return result if self.batched else result[0]
 
-    def _keys(self, rot_k: torch.Tensor) -> torch.Tensor:
-        """rot_k [b, k, g, d] -> [b, g, key_length, d]; a static cache's unwritten tail is zeros, as there."""
+    def _keys(self, rot_k: torch.Tensor, key_stop: int | None) -> torch.Tensor:
+        """rot_k [b, k', g, d] -> [b, g, keys, d] with keys = key_stop or key_length; a static cache's
+        unwritten tail is zeros, as there."""
         k = rot_k.transpose(1, 2)
-        missing = self.mask.key_length - k.shape[2]
+        missing = (self.mask.key_length if key_stop is None else key_stop) - k.shape[2]
         if missing > 0:
             k = torch.cat([k, k.new_zeros(*k.shape[:2], missing, k.shape[3])], dim=2)
         return k
 
     def to(self, device) -> "LazyPatterns":
-        pieces = {layer: (q.to(device), k.to(device)) for layer, (q, k) in self.pieces.items()}
+        pieces = {layer: piece.to(device) for layer, piece in self.pieces.items()}
         return LazyPatterns(pieces, self.mask.to(device), self.scale, self.names, self.batched)
 
     def without_batch(self) -> "LazyPatterns":
         """For remove_batch_dim: results lose their batch dimension of 1."""
-        batch = next(iter(self.pieces.values()))[0].shape[0] if self.pieces else 1
+        batch = self.mask.attention_mask.shape[0] if self.mask.attention_mask is not None else (
+            next(iter(self.pieces.values())).stored().q.shape[0] if self.pieces else 1)
         if not self.batched or batch != 1:
             raise ValueError(f"remove_batch_dim needs a batch of 1, the lazy patterns hold {batch}")
         return LazyPatterns(self.pieces, self.mask, self.scale, self.names, batched=False)
@@ -122,8 +212,9 @@ class LazyPatterns:
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {}
-        for layer, (q, k) in self.pieces.items():
-            tensors[f"lazy.{layer}.rot_q"], tensors[f"lazy.{layer}.rot_k"] = q, k
+        for layer, piece in self.pieces.items():
+            stored = piece.stored()
+            tensors[f"lazy.{layer}.rot_q"], tensors[f"lazy.{layer}.rot_k"] = stored.q, stored.k
         if self.mask.attention_mask is not None:
             tensors["lazy.attention_mask"] = self.mask.attention_mask
         m = self.mask
