@@ -18,18 +18,13 @@ from pathlib import Path
 import torch
 
 MAX_NEW_TOKENS = 512  # the settings slider's upper end
-MAX_SEQUENCE = 512  # prompt + continuation: patterns are [layers, h, T, T], so T is capped
 LIVE_RUNS_BYTES = 3 * 2**30  # activations all sessions may hold together
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "llamaviz-app"  # downloads, a folder per run
 
-# What a run captures: every layer's pattern (the attention tabs, head scores), the residual stream
-# (logit lens, norms, token log-probs), MLP activations (statistics) and per-head outputs (mean ablation).
-CAPTURE_SUFFIXES = ("attn.hook_pattern", "hook_resid_pre", "hook_resid_post", "mlp.hook_post", "attn.hook_z")
-
-
-def capture_filter(name: str) -> bool:
-    """names_filter of the capture while generating."""
-    return name.endswith(CAPTURE_SUFFIXES)
+# What a run keeps, linear in T (app/run_stats.py): every layer's pattern as a lazy recipe rebuilt from
+# resid_pre (the attention tabs, head scores), the residual stream once (logit lens, norms, token
+# log-probs), and running MLP / per-head hook_z statistics gathered while generating.
+CAPTURE_PATTERNS = "recompute"
 
 
 @dataclass(frozen=True)
@@ -108,6 +103,7 @@ class Run:
     cache: object | None  # ActivationCache over positions 0..T-2, None once released
     continuation: str
     stopped: bool = False
+    stats: object | None = None  # run_stats.RunStats gathered while generating
     run_id: int = field(default_factory=lambda: next(_run_ids))
     memo: dict = field(default_factory=dict)
 
@@ -130,7 +126,7 @@ class Run:
     def nbytes(self) -> int:
         if self.cache is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in self.cache.values())
+        return self.cache.nbytes()  # lazy patterns cost nothing until drawn
 
     @property
     def export_folder(self) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .hook_points import layer_of
-from .lazy_patterns import LazyPatterns, lazy_piece_names, query_window
+from .lazy_patterns import LazyPatterns, lazy_piece_names, query_window, unique_nbytes
 
 MEMORY_BUDGET_FRACTION = 0.25  # of available RAM / GPU memory a capture may take by default
 
@@ -74,6 +74,10 @@ class ActivationCache(Mapping):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+    def nbytes(self) -> int:
+        """Bytes held: the stored tensors plus lazy pieces (a lazy pattern costs nothing until read)."""
+        return unique_nbytes([*self._tensors.values(), *(self.lazy.tensors() if self.lazy is not None else [])])
 
     def pattern(self, layer: int, head: int | None = None, queries=slice(None)) -> torch.Tensor:
         """Softmax pattern of `layer`: [b, h, q, k], or [b, q, k] for one head; lazy ones compute only that."""

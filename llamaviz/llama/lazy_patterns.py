@@ -18,6 +18,11 @@ from .rope import apply_rope
 KINDS = {"hook_pattern": "pattern", "hook_attn_scores": "attn_scores"}
 
 
+def unique_nbytes(tensors) -> int:
+    """Bytes of the distinct tensors in `tensors` (one storage counted once)."""
+    return sum({t.untyped_storage().data_ptr(): t.nbytes for t in tensors}.values())
+
+
 def lazy_piece_names(layer: int) -> tuple[str, str]:
     """The hooks a lazy pattern of `layer` is computed from."""
     return f"blocks.{layer}.attn.hook_rot_q", f"blocks.{layer}.attn.hook_rot_k"
@@ -58,9 +63,8 @@ class StoredPieces:
     def kv_heads(self) -> int:
         return self.k.shape[2]
 
-    @property
-    def nbytes(self) -> int:
-        return self.q.nbytes + self.k.nbytes
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q, self.k]
 
     def rot_q(self, start: int, stop: int, heads: slice) -> torch.Tensor:
         return self.q[:, start:stop, heads]  # [b, c, h', d]
@@ -91,9 +95,8 @@ class ResidualPieces:
     def queries(self) -> int:
         return self.resid_pre.shape[1]
 
-    @property
-    def nbytes(self) -> int:
-        return self.cos.nbytes + self.sin.nbytes  # resid_pre is the cache's own activation
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.resid_pre, self.cos, self.sin]  # resid_pre is usually the cache's own activation too
 
     def _rotated(self, proj, start: int, stop: int, heads: slice, count: int) -> torch.Tensor:
         """Rows start..stop-1 of proj(norm(resid_pre)), heads `heads` of `count`, rotated: [b, c, h', d]."""
@@ -144,9 +147,13 @@ class LazyPatterns:
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the pieces hold (shared ones, like the RoPE tables, may repeat)."""
+        return [t for piece in self.pieces.values() for t in piece.tensors()]
+
     @property
     def nbytes(self) -> int:
-        return sum(piece.nbytes for piece in self.pieces.values())
+        return unique_nbytes(self.tensors())
 
     def read(self, name: str) -> torch.Tensor:
         """The whole activation `name` ([b, h, p, k], or [h, p, k] without the batch dim)."""
