@@ -190,7 +190,8 @@ def generate_with_cache(model, input_ids=None, max_new_tokens: int = 20, names_f
 
     Each step records its activations through the Recorder run_with_cache uses: per-position ones
     are joined along positions; with patterns="stored", pattern/scores rows are written into one
-    [b, h, T-1, T-1] matrix; with "lazy" (the default) the cache keeps rot_q / rot_k instead.
+    [b, h, T-1, T-1] matrix; with "lazy" (the default) the cache keeps rot_q / rot_k instead, and
+    with "recompute" only each layer's resid_pre (q / k are rebuilt from it when a pattern is read).
     """
     names = model.resolve_hook_names(names_filter)
     if input_ids is None or input_ids.dim() != 2:

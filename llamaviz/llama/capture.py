@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -127,7 +128,7 @@ class Recorder:
         self.matrices: dict[str, torch.Tensor] = {}  # name -> [b, h, T, T] while decoding
         self.rows_written: dict[str, int] = {}
 
-    def hooks(self) -> list[tuple[str, callable]]:
+    def hooks(self) -> list[tuple[str, Callable]]:
         return [(name, self.record) for name in self.parts]
 
     def record(self, x: torch.Tensor, hook) -> None:
