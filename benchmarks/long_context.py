@@ -39,7 +39,13 @@ def rss_bytes(field: str = "VmRSS") -> int:
 
 
 def reset_peak() -> int:
-    """Reset VmHWM to the current RSS; returns that RSS."""
+    """Return freed heap to the system (what loading left behind would hide new allocations), then
+    reset VmHWM to the current RSS; returns that RSS."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return rss_bytes()
@@ -112,9 +118,9 @@ def child_tl(case: str, tokens: int, new: int) -> dict:
     with torch.no_grad():
         if case == "tl-stored":
             bridge.run_with_cache(ids, names_filter=every_pattern)
-        else:  # generate, then every pattern of the sequence
-            sequence = bridge.generate(ids, max_new_tokens=new, do_sample=False, verbose=False, return_type="tokens")
-            bridge.run_with_cache(sequence[:, :-1], names_filter=every_pattern)
+        else:  # generate with every pattern captured (TransformerLens 4: generate(return_cache=True))
+            bridge.generate(ids, max_new_tokens=new, do_sample=False, stop_at_eos=False, verbose=False,
+                            return_type="tokens", return_cache=True, names_filter=every_pattern)
     return {"case": case, "tokens": tokens, "peak_MiB": (rss_bytes("VmHWM") - base) / MiB}
 
 
