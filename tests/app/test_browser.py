@@ -262,6 +262,7 @@ def test_stop_ends_a_long_generation(browser, server):
 def test_a_4000_token_prompt_pools_zooms_and_shades_the_text(browser, server):
     prompt = " ".join(f"item {i} is {'red' if i % 3 else 'blue'}." for i in range(700))  # about 4,000 tokens
     page = open_page(browser, server)
+    page.set_default_timeout(5 * STEP_MS)  # a 4,000-token prefill and every head's score on 2 busy cores
     start_generation(page, prompt, max_new_tokens=2)
     wait_for_status(page, "Done")
     page.wait_for_function("() => ((document.querySelector('#attention-plot .gtitle') || {}).textContent || '')"
