@@ -16,4 +16,13 @@
   };
   new MutationObserver(attach).observe(document.body, { childList: true, subtree: true });
   attach();
+  // A click on a token of the text view makes it the picked position (the number box redraws the view).
+  document.addEventListener("click", (event) => {
+    const token = event.target.closest && event.target.closest("#attention-text span[data-pos]");
+    const box = document.querySelector("#text-position input");
+    if (!token || !box) return;
+    box.value = token.dataset.pos;
+    box.dispatchEvent(new Event("input", { bubbles: true }));
+    box.dispatchEvent(new Event("change", { bubbles: true }));
+  });
 }

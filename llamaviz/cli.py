@@ -53,6 +53,8 @@ def _add_mask(commands) -> None:
     mask.add_argument("--past-length", type=int, default=0, metavar="N",
                       help="treat the first N tokens as already in the KV cache: rows are only the new tokens")
     mask.add_argument("--max-tokens", type=int, metavar="N", help="show at most the last N tokens")
+    mask.add_argument("--rows", type=_rows, metavar="START:END",
+                      help="show only query rows START..END-1 of a long prompt (keys up to END-1)")
     mask.add_argument("--width", type=int, metavar="COLUMNS", help="fit this many columns (default: the terminal's)")
     mask.add_argument("--scale", choices=("row", "absolute"), default="row",
                       help="weights view: shade by weight / row max (default) or by the raw weight")
@@ -109,6 +111,16 @@ def _head(value: str):
         raise argparse.ArgumentTypeError(f"invalid head {value!r}: an integer or 'mean'") from None
 
 
+def _rows(value: str) -> tuple[int, int]:
+    start, sep, stop = value.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(start), int(stop)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rows {value!r}: START:END, e.g. 100:120") from None
+
+
 # ----- commands -----
 
 def run_mask(args) -> int:
@@ -119,7 +131,8 @@ def run_mask(args) -> int:
     viz = AttentionMaskVisualizer(args.model)
     text = args.text[0] if len(args.text) == 1 else args.text
     viz(text, layer=args.layer, head=args.head, past_length=args.past_length, color=args.color,
-        width=args.width, max_tokens=args.max_tokens, scale=args.scale, raw_tokens=args.raw_tokens)
+        width=args.width, max_tokens=args.max_tokens, scale=args.scale, raw_tokens=args.raw_tokens,
+        rows=args.rows)
     return 0
 
 

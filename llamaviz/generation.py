@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 
 from llamaviz.llama.cache import DynamicCache, StaticCache
-from llamaviz.llama.capture import check_memory
-from llamaviz.llama.activation_cache import ActivationCache
+from llamaviz.llama.capture import Recorder, choose_patterns
+from llamaviz.llama.masks import AttentionMask
 from llamaviz.streamers import TextIteratorStreamer, TextStreamer
 
 __all__ = ["generate", "generate_with_cache", "TextStreamer", "TextIteratorStreamer"]
@@ -186,41 +186,33 @@ def _new_cache(model, input_ids, max_new_tokens, cache_implementation):
 
 
 def generate_with_cache(model, input_ids=None, max_new_tokens: int = 20, names_filter=None,
-                        memory_budget: int | None = None, **sampling):
+                        memory_budget: int | None = None, patterns: str = "lazy", **sampling):
     """(sequences [b, T], ActivationCache equal to run_with_cache(sequences[:, :-1])) in one decode pass.
 
-    Each step records its activations; per-position ones are concatenated along positions, and
-    patterns/scores rows are written into full [b, h, T-1, T-1] matrices.
+    Each step records its activations through the Recorder run_with_cache uses: per-position ones
+    are joined along positions; with patterns="stored", pattern/scores rows are written into one
+    [b, h, T-1, T-1] matrix; with "lazy" (the default) the cache keeps rot_q / rot_k instead, and
+    with "recompute" only each layer's resid_pre (q / k are rebuilt from it when a pattern is read).
     """
     names = model.resolve_hook_names(names_filter)
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("generate_with_cache needs input_ids of shape [batch, positions]")
     batch, total = input_ids.shape[0], input_ids.shape[1] + max_new_tokens - 1
-    check_memory(model, names, batch, total, total, model.dtype, memory_budget)
-    steps: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-
-    def record(x: torch.Tensor, hook) -> None:
-        steps[hook.name].append(hook.gathered(x.detach()))
-
-    with model.hooks(fwd_hooks=[(name, record) for name in names]):
+    patterns = choose_patterns(model, names, batch, total, total, memory_budget, None, patterns)
+    recorder = Recorder(model, names, patterns, length=total)  # gathers heads under TP
+    with model.hooks(fwd_hooks=recorder.hooks()):
         sequences = generate(model, input_ids, max_new_tokens=max_new_tokens, cache_implementation="dynamic",
                              **sampling)
     length = sequences.shape[1] - 1
-    tensors = {name: _assemble(name, parts, length) for name, parts in steps.items()}
-    return sequences, ActivationCache(tensors, model=model, tokens=sequences[:, :-1].cpu())
+    mask = AttentionMask(length, 0, _mask_of_sequence(sampling.get("attention_mask"), length),
+                         model.config.sliding_window, device=model.device)
+    return sequences, recorder.finish(mask, sequences[:, :-1], length=length)
 
 
-def _assemble(name: str, parts: list[torch.Tensor], length: int) -> torch.Tensor:
-    """Join per-step captures: along positions (dim 1), or into a [b, h, T, T] matrix for patterns."""
-    if not (name.endswith("hook_pattern") or name.endswith("hook_attn_scores")):
-        return torch.cat(parts, dim=1)[:, :length]
-    b, h = parts[0].shape[:2]
-    fill = 0.0 if name.endswith("hook_pattern") else torch.finfo(parts[0].dtype).min  # as masked scores
-    full = parts[0].new_full((b, h, length, length), fill)  # [b, h, T, T]
-    row = 0
-    for part in parts:  # part [b, h, p_step, k_step]
-        rows, keys = part.shape[2], part.shape[3]
-        rows = min(rows, length - row)
-        full[:, :, row:row + rows, :keys] = part[:, :, :rows, :length]
-        row += rows
-    return full
+def _mask_of_sequence(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The prompt's [b, p] padding mask extended over the generated tokens (always attended): [b, length]."""
+    if attention_mask is None:
+        return None
+    grown = attention_mask.new_ones(attention_mask.shape[0], max(length, attention_mask.shape[1]))
+    grown[:, :attention_mask.shape[1]] = attention_mask
+    return grown[:, :length]

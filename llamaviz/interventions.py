@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from llamaviz.llama.activation_cache import ActivationCache
-from llamaviz.llama.hook_points import held_heads
+from llamaviz.llama.hook_points import held_heads, query_dim
 
 ABLATION_MODES = ("zero", "mean")
 
@@ -73,7 +73,7 @@ def patch_activation(name: str, source: ActivationCache, positions: Iterable[int
     For activations with positions on dim 1 ([b, p, ...]); patterns/scores patch query rows (dim 2).
     """
     source_value = source[name]  # full (gathered) under tensor parallelism
-    query_dim = 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
+    dim = query_dim(name)
     index = None if positions is None else list(positions)
 
     def hook(x: torch.Tensor, hook) -> torch.Tensor:
@@ -85,7 +85,7 @@ def patch_activation(name: str, source: ActivationCache, positions: Iterable[int
         x = x.clone()
         if index is None:
             return donor.to(x.device, x.dtype)
-        selector = [slice(None)] * query_dim + [index]
+        selector = [slice(None)] * dim + [index]
         x[tuple(selector)] = donor[tuple(selector)].to(x.device, x.dtype)
         return x
 

@@ -51,3 +51,51 @@ def test_out_of_range_heads_and_unknown_modes_are_named():
         ablate_heads([(1.5, 0)], model=ours)  # not read as layer 1
     with pytest.raises(ValueError, match="ablation mode 'resample'"):
         ablate_heads([(0, 0)], mode="resample")
+
+
+def brute_force_scores(patterns: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each score by loops over layer, batch, head and query on stacked patterns [layers, b, h, p, p]."""
+    layers, b, h, p, _ = patterns.shape
+    out = {kind: torch.zeros(layers, h) for kind in ("previous-token", "induction", "sink", "duplicate-token")}
+    counts = dict.fromkeys(out, 0)
+    for kind in out:
+        for batch in range(b):
+            for i in range(p):
+                if kind == "previous-token":
+                    keys = [i - 1] if i >= 1 else []
+                elif kind == "sink":
+                    keys = [0] if i >= 1 else []
+                elif kind == "duplicate-token":
+                    keys = [j for j in range(i) if tokens[batch, j] == tokens[batch, i]]
+                else:
+                    keys = [j for j in range(1, i) if tokens[batch, j - 1] == tokens[batch, i]]
+                if keys:
+                    out[kind] += patterns[:, batch, :, i, keys].sum(-1)
+                    counts[kind] += 1
+        out[kind] /= max(counts[kind], 1)
+    out["entropy"] = -(patterns * patterns.clamp(min=1e-12).log()).sum(-1).mean(dim=(1, 3))
+    return out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_head_scores_in_chunks_on_lazy_patterns_equal_the_brute_force(padded):
+    from llamaviz.analysis import head_scores, stack_patterns
+
+    _, ours = hf_and_ours("gqa")
+    tokens = repeated_random_tokens(113, length=6, batch=2, bos_token_id=1)  # [2, 13]
+    attention_mask = torch.ones_like(tokens)
+    if padded:
+        attention_mask[1, :2] = 0
+    kwargs = dict(names_filter=lambda n: n.endswith("hook_pattern"), attention_mask=attention_mask)
+    _, stored = ours.run_with_cache(tokens, **kwargs)
+    _, lazy = ours.run_with_cache(tokens, patterns="lazy", **kwargs)
+    expected = brute_force_scores(stack_patterns(stored), tokens)
+    for cache in (lazy, stored):
+        scores = head_scores(cache, chunk=4)  # blocks of 4 queries: 4 blocks, the last one short
+        for kind, value in expected.items():
+            torch.testing.assert_close(scores[kind], value, atol=1e-5, rtol=0, msg=kind)
+    for kind, function in [("previous-token", previous_token_scores), ("sink", sink_scores),
+                           ("entropy", head_entropy)]:
+        torch.testing.assert_close(function(stack_patterns(stored)), expected[kind], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown head score 'copy'; accepted: previous-token"):
+        head_scores(lazy, kinds=["copy"])

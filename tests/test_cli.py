@@ -216,3 +216,13 @@ def test_app_calls_launch_with_model_host_port(monkeypatch, tiny_dir, tmp_path):
         assert calls[-1] == (str(default_model()), "127.0.0.1", 7860)
     assert cli.main(["app", "--model", str(tmp_path / "nowhere")]) == 2
     assert len(calls) == 2 if default_model() is not None else 1
+
+
+def test_rows_flag_reads_start_end():
+    import argparse
+
+    from llamaviz import cli
+
+    assert cli._rows("100:120") == (100, 120)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"invalid rows '100-120': START:END"):
+        cli._rows("100-120")

@@ -331,3 +331,20 @@ def test_byte_level_labels_are_the_tokens_text(default_gguf):
     assert any("\\x07" in label for label in labels)  # a control character is escaped, never printed raw
     assert "\x07" not in viz.render(text, color=False, width=300)
     assert "".join(eval(label) for label in labels).translate(UNMARK) == viz.tokenizer.decode(ids) == text
+
+
+def test_rows_window_shows_and_computes_only_those_queries(viz):
+    text = " ".join(["energy", "plants", "light"] * 8)
+    n = len(viz.tokenizer.encode(text))
+    pattern = reference_pattern(viz, text, 1)[2]  # [n, n]
+    [rows] = parse(viz.render(text, layer=1, head=2, color=False, width=300, rows=(10, 14)))
+    assert [position for _, position, _ in rows] == [10, 11, 12, 13]
+    for _, position, [cells] in rows:
+        assert len(cells) == 14  # keys up to the last row shown
+        assert cells[int(pattern[position, : position + 1].argmax())] == SHADES[-1]
+    [mask_rows] = parse(viz.render(text, color=False, width=300, rows=(0, 3)))
+    assert [position for _, position, _ in mask_rows] == [0, 1, 2]
+    with pytest.raises(ValueError, match=rf"rows must be \(start, stop\) with 0 <= start < stop <= {n}"):
+        viz.render(text, layer=1, rows=(5, n + 1))
+    with pytest.raises(ValueError, match="rows= and past_length= both"):
+        viz.render(text, rows=(1, 3), past_length=1)

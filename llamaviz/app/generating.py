@@ -16,9 +16,10 @@ from llamaviz.generation import generate_with_cache
 from llamaviz.streamers import TextStreamer
 
 from .models import ModelEntry
-from .state import MAX_SEQUENCE, Run, Settings, capture_filter
+from .run_stats import RunStats, kept_names
+from .state import CAPTURE_PATTERNS, Run, Settings
 
-MAX_PROMPT_CHARS = 100_000  # refuse before tokenizing: no prompt under the token cap is longer
+MAX_PROMPT_CHARS = 100_000  # refuse before tokenizing (8,192 tokens of text take far fewer characters)
 _DONE = object()
 
 
@@ -34,7 +35,7 @@ def encode_prompt(entry: ModelEntry, prompt: str, chat_template: bool) -> tuple[
     check_encodable(prompt)
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"the prompt has {len(prompt):,} characters; the app takes at most "
-                         f"{MAX_PROMPT_CHARS:,} (and at most {MAX_SEQUENCE - 1} tokens)")
+                         f"{MAX_PROMPT_CHARS:,} (and at most {entry.config.max_position_embeddings - 1} tokens)")
     tok = entry.tokenizer
     if chat_template and has_chat_template(tok):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -61,18 +62,14 @@ def check_encodable(prompt: str) -> None:
 
 def token_budget(entry: ModelEntry, prompt_length: int, max_new_tokens: int) -> tuple[int, str]:
     """(new tokens allowed, a note when clipped); ValueError when the prompt leaves no room."""
-    context = entry.config.max_position_embeddings
-    limit = min(MAX_SEQUENCE, context)
+    limit = entry.config.max_position_embeddings
     if prompt_length >= limit:
-        why = (f"the model's context is {context} tokens" if context <= MAX_SEQUENCE else
-               f"the app caps prompt + continuation at {MAX_SEQUENCE} tokens so that every layer's attention "
-               "pattern fits in memory")
-        raise ValueError(f"the prompt is {prompt_length} tokens long; at most {limit - 1} fit ({why}). "
-                         "Shorten the prompt.")
+        raise ValueError(f"the prompt is {prompt_length} tokens long; at most {limit - 1} fit (the model's context "
+                         f"is {limit} tokens). Shorten the prompt.")
     allowed = min(max_new_tokens, limit - prompt_length)
     note = "" if allowed == max_new_tokens else (
-        f"max new tokens lowered from {max_new_tokens} to {allowed}: prompt + continuation are capped at "
-        f"{limit} tokens")
+        f"max new tokens lowered from {max_new_tokens} to {allowed}: prompt + continuation fill the model's "
+        f"context of {limit} tokens")
     return allowed, note
 
 
@@ -86,6 +83,7 @@ class Generation:
         self.pieces: queue.Queue = queue.Queue()
         self.sequences: torch.Tensor | None = None  # [1, T]
         self.cache = None
+        self.stats: RunStats | None = None
         self.error: BaseException | None = None
         self.waited = entry.lock.locked()  # another request holds the model: this one queues behind it
         self.thread = threading.Thread(target=self._work, name="llamaviz-generate", daemon=True)
@@ -94,12 +92,14 @@ class Generation:
     def _work(self) -> None:
         streamer = TextStreamer(self.entry.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                 on_text=lambda piece, final: self.pieces.put(piece))
+        model = self.entry.model
+        self.stats = RunStats(model.config.num_hidden_layers)
         try:
-            with self.entry.lock:
+            with self.entry.lock, model.hooks(fwd_hooks=self.stats.hooks()):
                 self.sequences, self.cache = generate_with_cache(
-                    self.entry.model, self.ids, max_new_tokens=self.max_new_tokens,
-                    names_filter=capture_filter, streamer=streamer, stop=self.stop.is_set,
-                    **self.settings.sampling())
+                    model, self.ids, max_new_tokens=self.max_new_tokens,
+                    names_filter=kept_names(model.config.num_hidden_layers), patterns=CAPTURE_PATTERNS,
+                    streamer=streamer, stop=self.stop.is_set, **self.settings.sampling())
         except BaseException as err:  # handed to the request thread, which reports it
             self.error = err
         finally:
@@ -134,4 +134,4 @@ class Generation:
         tokens = self.entry.tokenizer.convert_ids_to_tokens(ids[0].tolist())
         return Run(entry=self.entry, prompt=prompt, model_input=model_input, settings=self.settings, ids=ids,
                    prompt_length=self.ids.shape[1], tokens=list(tokens), cache=self.cache,
-                   continuation=continuation, stopped=self.stop.is_set())
+                   continuation=continuation, stopped=self.stop.is_set(), stats=self.stats)

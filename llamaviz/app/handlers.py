@@ -12,7 +12,7 @@ import time
 
 import gradio as gr
 
-from . import export, intervene, views
+from . import export, intervene, long_views, views
 from .generating import Generation, encode_prompt, has_chat_template, token_budget
 from .models import REGISTRY
 from .state import BrowserState, Settings, release_state, trim_heap
@@ -197,6 +197,28 @@ def draw_attention(state, layer, head, mean, drop_first, log_scale):
     except Exception as err:
         return gr.skip(), gr.skip(), failure(err)
     return figure, picker_value(picked), gr.skip()
+
+
+def draw_zoom(state, layer, head, mean, q0, q1, k0, k1):
+    """Exact cells of a query/key window (inclusive ends) in the attention plot: (figure, status)."""
+    try:
+        run = current_run(state)
+        layer, picked = views.check_layer_head(run, layer, head_value(head, mean))
+        figure = long_views.window_figure(run, layer, picked, (q0, q1), (k0, k1))
+    except Exception as err:
+        return gr.skip(), failure(err)
+    return figure, gr.skip()
+
+
+def draw_text(state, layer, head, mean, position, direction):
+    """The text view shaded by the picked token's attention: (html, status)."""
+    try:
+        run = current_run(state)
+        layer, picked = views.check_layer_head(run, layer, head_value(head, mean))
+        text = long_views.text_view_html(run, layer, picked, position, direction)
+    except Exception as err:
+        return gr.skip(), failure(err)
+    return text, gr.skip()
 
 
 def draw_layer(state, layer, drop_first, log_scale):

@@ -63,7 +63,7 @@ class Ablation:
 
 def run_ablation(run: Run, heads: list[tuple[int, int]], mode: str) -> Ablation:
     model = run.entry.model
-    hooks = ablate_heads(heads, mode=mode, model=model, mean_cache=run.activations())
+    hooks = ablate_heads(heads, mode=mode, model=model, mean_cache=mean_z_cache(run))
     ids = run.ids.to(model.device)  # [1, T]
     with run.entry.lock, torch.no_grad():
         clean = model(ids, logits_to_keep=1).logits[0, -1].float().cpu()  # [v]
@@ -101,3 +101,14 @@ def token_change(ablation: Ablation, token: int, tokenizer) -> dict:
 def heads_of_layer(config, layer: int) -> list[str]:
     """Checkbox labels "L{layer}H{h}" for every head of a layer."""
     return [f"L{layer}H{h}" for h in range(config.num_attention_heads)]
+
+
+def mean_z_cache(run):
+    """hook_z means [1, 1, h, d] per layer, from the run's statistics (or its cache if it kept hook_z)."""
+    from llamaviz.llama.activation_cache import ActivationCache
+
+    run.activations()  # a released run has neither
+    if run.stats is None:
+        return run.activations()
+    layers = run.entry.config.num_hidden_layers
+    return ActivationCache({f"blocks.{i}.attn.hook_z": run.stats.z_mean(i)[None, None] for i in range(layers)})

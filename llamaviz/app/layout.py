@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import export, handlers, views
+from . import export, handlers, long_views, views
 from .models import list_checkpoints, peek_config
 from .state import MAX_NEW_TOKENS, SESSION_TTL_S, BrowserState, release_state
 
@@ -152,6 +152,24 @@ def _attention_tab(c: dict, layers: int, heads: int) -> None:
                 c["score_note"] = gr.Markdown(views.SCORE_HELP["entropy"], elem_id="score-note")
             with gr.Column(scale=3):
                 c["overview"] = gr.Plot(label="Layer x head overview", elem_id="head-overview")
+        _long_view_controls(c)
+
+
+def _long_view_controls(c: dict) -> None:
+    """Zoom into exact cells of a long pattern, and read the text shaded by one token's attention."""
+    with gr.Accordion("Zoom and text view (long texts)", open=False, elem_id="long-views"):
+        with gr.Row():
+            c["zoom_q0"] = gr.Number(0, label="First query", precision=0, elem_id="zoom-q0", min_width=90)
+            c["zoom_q1"] = gr.Number(63, label="Last query", precision=0, elem_id="zoom-q1", min_width=90)
+            c["zoom_k0"] = gr.Number(0, label="First key", precision=0, elem_id="zoom-k0", min_width=90)
+            c["zoom_k1"] = gr.Number(63, label="Last key", precision=0, elem_id="zoom-k1", min_width=90)
+            c["zoom"] = gr.Button("Zoom: exact cells", elem_id="zoom")
+        with gr.Row():
+            c["text_position"] = gr.Number(0, label="Token position", precision=0, elem_id="text-position",
+                                           info="or click a token below", min_width=120)
+            c["text_direction"] = gr.Radio(list(long_views.DIRECTIONS), value="attends to", label="Shade by",
+                                           elem_id="text-direction")
+        c["text_view"] = gr.HTML(elem_id="attention-text")
 
 
 def _mask_tab(c: dict) -> None:
@@ -254,6 +272,11 @@ def _wire(demo: gr.Blocks, state, c: dict) -> None:
     c["picker"].input(handlers.pick_head, [state, c["picker"], c["layer"], c["head"], c["drop_first"], c["log_scale"]],
                       [c["attention"], c["head"], c["mean"], c["status"]], **quick)
     c["score"].change(handlers.draw_overview, [state, c["score"]], overview_out)
+    zoom_in = [state, c["layer"], c["head"], c["mean"], c["zoom_q0"], c["zoom_q1"], c["zoom_k0"], c["zoom_k1"]]
+    c["zoom"].click(handlers.draw_zoom, zoom_in, [c["attention"], c["status"]], **quick)
+    text_in = [state, c["layer"], c["head"], c["mean"], c["text_position"], c["text_direction"]]
+    for control in (c["text_position"], c["text_direction"]):
+        control.change(handlers.draw_text, text_in, [c["text_view"], c["status"]], **quick)
     c["lens_start"].release(handlers.draw_lens, [state, c["lens_start"]], [c["lens"], c["status"]])
     c["tabs"].select(handlers.tab_selected, [state, c["lens_start"]], [c["lens"], c["status"]], queue=False)
 

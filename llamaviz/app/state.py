@@ -24,21 +24,16 @@ import torch
 from . import files
 
 MAX_NEW_TOKENS = 512  # the settings slider's upper end
-MAX_SEQUENCE = 512  # prompt + continuation: patterns are [layers, h, T, T], so T is capped
 LIVE_RUNS_ENV = "LLAMAVIZ_LIVE_RUNS_MB"  # overrides the budget below (MiB)
 LIVE_RUNS_BYTES = int(os.environ.get(LIVE_RUNS_ENV) or 3072) * 2**20  # activations + memoised views of all sessions
 SESSION_TTL_S = 3600  # a session's run is freed this long after its last Generate, even if the tab stays open
 SEED_LIMIT = 2**63  # seeds are 0..2**63 - 1 (torch.Generator.manual_seed takes a signed 64-bit int)
 FLOAT_EXACT = 2**53  # above this a float no longer holds every whole number
 
-# What a run captures: every layer's pattern (the attention tabs, head scores), the residual stream
-# (logit lens, norms, token log-probs), MLP activations (statistics) and per-head outputs (mean ablation).
-CAPTURE_SUFFIXES = ("attn.hook_pattern", "hook_resid_pre", "hook_resid_post", "mlp.hook_post", "attn.hook_z")
-
-
-def capture_filter(name: str) -> bool:
-    """names_filter of the capture while generating."""
-    return name.endswith(CAPTURE_SUFFIXES)
+# What a run keeps, linear in T (app/run_stats.py): every layer's pattern as a lazy recipe rebuilt from
+# resid_pre (the attention tabs, head scores), the residual stream once (logit lens, norms, token
+# log-probs), and running MLP / per-head hook_z statistics gathered while generating.
+CAPTURE_PATTERNS = "recompute"
 
 
 @dataclass(frozen=True)
@@ -125,6 +120,7 @@ class Run:
     cache: object | None  # ActivationCache over positions 0..T-2, None once released
     continuation: str
     stopped: bool = False
+    stats: object | None = None  # run_stats.RunStats gathered while generating
     run_id: int = field(default_factory=lambda: next(_run_ids))
     memo: dict = field(default_factory=dict)  # key -> (view, bytes); views.memo keeps it
     memo_bytes: int = 0  # what the memoised views take (the figures as sent, the tables)
@@ -149,7 +145,7 @@ class Run:
         """Bytes the budget counts: the activations plus the memoised views."""
         if self.cache is None:
             return self.memo_bytes
-        return self.memo_bytes + sum(t.numel() * t.element_size() for t in self.cache.values())
+        return self.memo_bytes + self.cache.nbytes()  # lazy patterns cost nothing until drawn
 
     @property
     def export_folder(self) -> Path:

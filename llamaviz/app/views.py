@@ -26,7 +26,7 @@ from llamaviz.llama.masks import build_mask
 from llamaviz.plots.tokens import display_token
 from llamaviz.terminal import render_html
 
-from . import payload
+from . import long_views, payload
 from .state import LIVE_RUNS, Run
 
 LENS_WIDTH = 24  # positions the logit lens shows at once (each costs layers x vocab x hidden)
@@ -124,6 +124,8 @@ def pattern(run: Run, layer: int) -> torch.Tensor:
 
 def attention_figure(run: Run, layer, head, drop_first: bool = False, log_scale: bool = False) -> go.Figure:
     layer, head = check_layer_head(run, layer, head)
+    if long_views.is_long(run):  # pooled: drop_first / log_scale apply to exact cells (zoom)
+        return memo(run, ("attention-pooled", layer, head), lambda: long_views.overview_figure(run, layer, head))
     return memo(run, ("attention", layer, head, drop_first, log_scale), lambda: payload.compact_figure(
         plots.attention_heatmap(pattern(run, layer), run.cached_tokens, head=head, layer=layer,
                                 drop_first=drop_first, log_scale=log_scale), payload.ATTENTION_CELLS, log_scale))
@@ -132,6 +134,8 @@ def attention_figure(run: Run, layer, head, drop_first: bool = False, log_scale:
 def warm_attention(run: Run, layer: int, drop_first: bool = False, log_scale: bool = False) -> threading.Thread:
     """Build every head's heatmap of a layer in the background, so a head slider move only sends one."""
     def work() -> None:
+        if long_views.is_long(run):  # pooled views are drawn on demand: warming them would hold the CPU
+            return
         for head in [*range(num_heads(run)), "mean"]:
             if run.cache is None:
                 return
@@ -144,6 +148,8 @@ def warm_attention(run: Run, layer: int, drop_first: bool = False, log_scale: bo
 
 def head_grid_figure(run: Run, layer, drop_first: bool = False, log_scale: bool = False) -> go.Figure:
     layer, _ = check_layer_head(run, layer, "mean")
+    if long_views.is_long(run):
+        return memo(run, ("grid-pooled", layer), lambda: long_views.grid_figure(run, layer))
     return memo(run, ("grid", layer, drop_first, log_scale), lambda: payload.compact_figure(
         plots.head_grid(pattern(run, layer), run.cached_tokens, layer=layer, drop_first=drop_first,
                         log_scale=log_scale), payload.GRID_CELLS, log_scale))
@@ -155,10 +161,8 @@ def head_scores(run: Run, score: str) -> torch.Tensor:
         raise ValueError(f"unknown head score {score!r}; accepted: {', '.join(SCORES)}")
     tokens = run.ids[:, :-1]  # [1, T-1]: the positions the patterns cover
 
-    def compute() -> torch.Tensor:
-        rows = [SCORES[score](run.activations()["pattern", layer].float()[None], tokens)[0]
-                for layer in range(num_layers(run))]
-        return torch.stack(rows)  # [layers, h]
+    def compute() -> torch.Tensor:  # lazy patterns, one layer and one block of queries at a time
+        return analysis.head_scores(run.activations(), tokens, kinds=[score])[score]  # [layers, h]
 
     return memo(run, ("scores", score), compute)
 
@@ -342,6 +346,8 @@ def resid_norms_figure(run: Run) -> go.Figure:
 def mlp_stats(run: Run) -> pd.DataFrame:
     """Per layer, over all positions: mean |post|, fraction > 0, fraction |post| > 0.1, max |post|."""
     def compute() -> pd.DataFrame:
+        if run.stats is not None:  # gathered while generating: no [T, f] activation is kept
+            return pd.DataFrame(run.stats.mlp_rows())
         rows = []
         for layer in range(num_layers(run)):
             post = run.activations()["post", layer][0].float()  # [p, f]

@@ -12,6 +12,7 @@ import torch
 from .decomposition import DecompositionMixin
 from .hook_points import layer_of
 from .names import get_act_name
+from .lazy_patterns import LazyPatterns, lazy_piece_names, query_window, unique_nbytes
 
 MEMORY_BUDGET_FRACTION = 0.25  # of available RAM / GPU memory a capture may take by default
 
@@ -27,22 +28,27 @@ class ActivationCache(DecompositionMixin, Mapping):
 
     Keys may be TransformerLens short forms: `cache["attn", 3]`, `cache["scale", 2, "ln1"]`,
     `cache["resid_post", -1]` (negative layers count from the end).
+    With `lazy` (a LazyPatterns), pattern-shaped names are computed from rot_q / rot_k when read;
+    `cache.pattern(layer, head, queries)` reads one head or a window of queries either way.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], model=None, tokens: torch.Tensor | None = None,
-                 model_name: str = ""):
+                 model_name: str = "", lazy=None):
         self._tensors = dict(tensors)
+        self.lazy = lazy
         self.model = model
         self.tokens = tokens
         self.model_name = model_name or getattr(model, "name_or_path", "") or ""
 
     def __getitem__(self, key) -> torch.Tensor:
         name = self.resolve_key(key)
-        if name not in self._tensors:
-            close = difflib.get_close_matches(name, list(self._tensors), n=5, cutoff=0.6)
-            raise KeyError(f"{name!r} is not in this cache ({len(self._tensors)} names"
-                           + (f"; closest: {', '.join(close)})" if close else ")"))
-        return self._tensors[name]
+        if name in self._tensors:
+            return self._tensors[name]
+        if self.lazy is not None and name in self.lazy:
+            return self.lazy.read(name)
+        close = difflib.get_close_matches(name, list(self), n=5, cutoff=0.6)
+        raise KeyError(f"{name!r} is not in this cache ({len(self)} names"
+                       + (f"; closest: {', '.join(close)})" if close else ")"))
 
     def resolve_key(self, key) -> str:
         """The hook name a key stands for: a full name, or a (short name, layer[, sublayer]) tuple."""
@@ -51,29 +57,61 @@ class ActivationCache(DecompositionMixin, Mapping):
             return get_act_name(*key, n_layers=layers)
         return key if key in self._tensors else get_act_name(key)
 
-    def __contains__(self, key) -> bool:
+    def __contains__(self, key) -> bool:  # without computing a lazy pattern
         try:
-            return self.resolve_key(key) in self._tensors
+            name = self.resolve_key(key)
+            return name in self._tensors or (self.lazy is not None and name in self.lazy)
         except KeyError:
             return False
 
     def __iter__(self):
-        return iter(self._tensors)
+        yield from self._tensors
+        if self.lazy is not None:
+            yield from (n for n in self.lazy.names if n not in self._tensors)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return sum(1 for _ in self)
+
+    def nbytes(self) -> int:
+        """Bytes held: the stored tensors plus lazy pieces (a lazy pattern costs nothing until read)."""
+        return unique_nbytes([*self._tensors.values(), *(self.lazy.tensors() if self.lazy is not None else [])])
+
+    def pattern(self, layer: int, head: int | None = None, queries=slice(None)) -> torch.Tensor:
+        """Softmax pattern of `layer`: [b, h, q, k], or [b, q, k] for one head; lazy ones compute only that."""
+        return self._attention(layer, "pattern", head, queries)
+
+    def attn_scores(self, layer: int, head: int | None = None, queries=slice(None)) -> torch.Tensor:
+        """Scaled, masked scores of `layer`, shaped as `pattern`."""
+        return self._attention(layer, "attn_scores", head, queries)
+
+    def _attention(self, layer, kind, head, queries) -> torch.Tensor:
+        name = hook_name(kind, layer)
+        if self.lazy is not None and layer in self.lazy.pieces:
+            return self.lazy.compute(layer, kind, head, queries)
+        if name not in self._tensors:
+            q_name, k_name = lazy_piece_names(layer)
+            raise KeyError(f"{name!r} is not in this cache and neither are its lazy pieces; capture {name} "
+                           f"(patterns='stored' or 'lazy') or {q_name} and {k_name}")
+        full = self._tensors[name]  # [b, h, p, k] (or [h, p, k] without the batch dim)
+        full = full if full.dim() == 4 else full[None]
+        start, stop = query_window(queries, full.shape[2])
+        if head is not None and (isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < full.shape[1]):
+            raise IndexError(f"head {head!r} is out of range; accepted: 0..{full.shape[1] - 1}")
+        picked = full[:, :, start:stop] if head is None else full[:, head, start:stop]
+        return picked if self._tensors[name].dim() == 4 else picked[0]
 
     def __repr__(self) -> str:
         return f"ActivationCache({len(self)} activations, model={self.model_name!r})"
 
     def to(self, device) -> "ActivationCache":
         return ActivationCache({n: t.to(device) for n, t in self._tensors.items()}, self.model,
-                               self.tokens, self.model_name)
+                               self.tokens, self.model_name, None if self.lazy is None else self.lazy.to(device))
 
     def remove_batch_dim(self) -> "ActivationCache":
         """Drop a batch dimension of size 1 from every activation."""
         return ActivationCache({n: t[0] for n, t in self._tensors.items()}, self.model,
-                               None if self.tokens is None else self.tokens[0], self.model_name)
+                               None if self.tokens is None else self.tokens[0], self.model_name,
+                               None if self.lazy is None else self.lazy.without_batch())
 
     # ----- saving -----
 
@@ -84,8 +122,12 @@ class ActivationCache(DecompositionMixin, Mapping):
         path = Path(path)
         meta = {"model_name": self.model_name, "model_signature": model_signature(self.model),
                 "tokens": self.tokens.tolist() if self.tokens is not None else None}
-        tensors, seen = {}, set()
-        for n, t in self._tensors.items():  # one activation may be another's tensor (mlp_in is resid_mid)
+        tensors = dict(self._tensors)
+        if self.lazy is not None:  # the pieces and the mask recipe, not the patterns
+            lazy_tensors, meta["lazy"] = self.lazy.to_tensors()
+            tensors.update(lazy_tensors)
+        seen = set()
+        for n, t in tensors.items():  # one activation may be another's tensor (mlp_in is resid_mid)
             t = t.detach().contiguous().cpu()
             tensors[n] = t.clone() if t.data_ptr() in seen else t
             seen.add(t.data_ptr())
@@ -114,8 +156,12 @@ class ActivationCache(DecompositionMixin, Mapping):
         if model is not None and meta.get("model_signature") != model_signature(model):
             raise ValueError(f"{path} was captured from model {meta.get('model_name')!r} "
                              f"({meta.get('model_signature')}), not from this model ({model_signature(model)})")
-        return cls(tensors, model=model, tokens=_cache_tokens(path, meta.get("tokens")),
-                   model_name=meta.get("model_name", ""))
+        tokens = _cache_tokens(path, meta.get("tokens"))
+        lazy = None
+        if meta.get("lazy") is not None:
+            lazy = LazyPatterns.from_tensors({n: tensors.pop(n) for n in list(tensors) if n.startswith("lazy.")},
+                                             meta["lazy"])
+        return cls(tensors, model=model, tokens=tokens, model_name=meta.get("model_name", ""), lazy=lazy)
 
     # ----- analysis -----
 
@@ -174,7 +220,7 @@ class ActivationCache(DecompositionMixin, Mapping):
     def _num_layers(self) -> int:
         if self.model is not None:
             return self.model.config.num_hidden_layers
-        layers = {layer_of(n) for n in self._tensors} - {None}
+        layers = {layer_of(n) for n in self} - {None}
         if not layers:
             raise ValueError("this cache holds no per-layer activations")
         return max(layers) + 1

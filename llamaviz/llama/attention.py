@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import LlamaConfig
 from .hook_points import HookPoint
+from .masks import AttentionMask
 from .rope import apply_rope
 
 
@@ -24,14 +25,27 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, g, groups, k, d).reshape(b, g * groups, k, d)
 
 
+def masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [b, h, p, d], k [b, h, k, d] (kv heads already repeated), mask bool [b|1, 1, p, k] -> scores [b, h, p, k].
+
+    Shared by the eager path and lazy patterns (llama/lazy_patterns.py), so both give the same numbers.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [b, h, p, k]; in place: it is a fresh tensor
+    # masked scores hold the dtype's lowest value, as in transformers (softmax over -inf is slower)
+    return scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+
+
+def softmax_pattern(scores: torch.Tensor) -> torch.Tensor:
+    """scores [b, h, p, k] -> probabilities [b, h, p, k]: softmax in float32, cast back to the scores' dtype."""
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+
+
 def eager_attention(q, k, v, mask, scale, hook_scores: HookPoint, hook_pattern: HookPoint):
     """q [b, h, p, d], k/v [b, g, k, d], mask bool [b|1, 1, p, k] -> (z [b, h, p, d], pattern [b, h, p, k])."""
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [b, h, p, k]; in place: it is a fresh tensor
-    # masked scores hold the dtype's lowest value, as in transformers (softmax over -inf is slower)
-    scores = hook_scores(scores.masked_fill_(~mask, torch.finfo(scores.dtype).min))
-    pattern = hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))  # [b, h, p, k]
+    scores = hook_scores(masked_scores(q, k, mask, scale))
+    pattern = hook_pattern(softmax_pattern(scores))  # [b, h, p, k]
     return torch.matmul(pattern, v), pattern  # [b, h, p, d]
 
 
@@ -90,15 +104,19 @@ class LlamaAttention(nn.Module):
         v = self.hook_v(self.v_proj(x).view(b, p, self.kv_heads, self.head_dim))  # [b, p, g, d]
         return q, k, v
 
+    def qk_norm(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """Per-head normalisation of q ("q") or k ("k") before RoPE: none in Llama (Qwen3 overrides it)."""
+        return x
+
     def needs_pattern(self, output_attentions: bool) -> bool:
         return (output_attentions or self.attn_implementation == "eager"
                 or self.hook_pattern.active or self.hook_attn_scores.active)
 
-    def forward(self, x, cos, sin, mask, cache=None, output_attentions=False, causal_mask=None):
+    def forward(self, x, cos, sin, mask: AttentionMask, cache=None, output_attentions=False):
         """x [b, p, m] -> (out [b, p, m], pattern [b, h, p, k] or None).
 
-        `mask` is the bool mask for this step, or None when it is plain causal (or all-visible for
-        one query); `causal_mask` builds the explicit tensor when the eager path needs it.
+        `mask` is this step's recipe: the eager path asks it for the dense tensor, the fused path
+        for None when it is plain causal.
         """
         b, p, _ = x.shape
         q, k, v = self.project(x)  # [b, p, h|g, d]
@@ -108,10 +126,10 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [b, g, k, d]
         if self.needs_pattern(output_attentions):
-            mask = mask if mask is not None else causal_mask()
-            z, pattern = eager_attention(q, k, v, mask, self.scale, self.hook_attn_scores, self.hook_pattern)
+            z, pattern = eager_attention(q, k, v, mask.dense(), self.scale, self.hook_attn_scores,
+                                         self.hook_pattern)
         else:
-            z, pattern = sdpa_attention(q, k, v, mask, self.scale), None
+            z, pattern = sdpa_attention(q, k, v, mask.for_sdpa(), self.scale), None
         z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d]
         if self.hook_result.active:
             return self.head_results(z), pattern

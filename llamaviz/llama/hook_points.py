@@ -18,6 +18,35 @@ from torch import nn
 HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
 NameOrPredicate = Union[str, Callable[[str], bool]]
 
+# Hook points shaped [b, h, p, k]: quadratic in T, queries on dim 2. Everything else is [b, p, ...].
+PATTERN_SHAPED = ("hook_attn_scores", "hook_pattern")
+
+
+def is_pattern_shaped(name: str) -> bool:
+    """True for blocks.L.attn.hook_pattern / hook_attn_scores ([b, h, p, k])."""
+    return name.rsplit(".", 1)[-1] in PATTERN_SHAPED
+
+
+def query_dim(name: str) -> int:
+    """The dimension that indexes positions (queries): 2 for pattern-shaped hooks, else 1."""
+    return 2 if is_pattern_shaped(name) else 1
+
+
+def activation_numel(name: str, config, batch: int, positions: int, key_positions: int) -> int:
+    """Elements one hook point holds for a forward over `positions` queries and `key_positions` keys."""
+    h, g, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    suffix = name.rsplit(".", 1)[-1]
+    per_position = {  # elements per query position, by hook suffix; anything else is [b, p, m]
+        "hook_attn_scores": h * key_positions, "hook_pattern": h * key_positions,
+        "hook_q": h * d, "hook_rot_q": h * d, "hook_z": h * d,
+        "hook_k": g * d, "hook_rot_k": g * d, "hook_v": g * d,
+        "hook_pre": config.intermediate_size, "hook_pre_linear": config.intermediate_size,
+        "hook_post": config.intermediate_size if ".mlp." in name else config.hidden_size,
+        "hook_logits": config.vocab_size, "hook_result": h * config.hidden_size, "hook_scale": 1,
+        "hook_q_normalized": h * d, "hook_k_normalized": g * d,
+    }.get(suffix, config.hidden_size)
+    return batch * positions * per_position
+
 
 class HookPoint(nn.Module):
     """Identity on its input unless hooks are attached; costs one list check when idle."""

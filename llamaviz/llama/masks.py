@@ -1,6 +1,7 @@
 """The one attention-mask builder: causal + padding + sliding window + cache offset.
 
-The model, the terminal printout and the web app all draw their masks from `build_mask`.
+The model, the terminal printout and the web app all draw their masks from `build_mask`;
+`AttentionMask` is the recipe the model hands to attention (and a lazy cache keeps).
 """
 
 from __future__ import annotations
@@ -67,3 +68,81 @@ def _padding_columns(attention_mask: torch.Tensor, key_length: int) -> torch.Ten
         tail = valid.new_ones(valid.shape[0], key_length - width)
         valid = torch.cat([valid, tail], dim=1)
     return valid
+
+
+class AttentionMask:
+    """The recipe of one step's mask (padding, cache offset, window), built into tensors only on demand.
+
+    Attention receives this object instead of a tensor: the fused path asks `for_sdpa()` (None when
+    the mask is plain causal), the eager path asks `dense()` (built once per forward, shared by
+    every layer), and lazy patterns ask `rows(start, stop)` for a window of queries. Kept by a
+    cache, it costs the [b, n] padding mask and three ints: linear in T, never a [p, k] tensor.
+    """
+
+    def __init__(self, query_length: int, past_length: int = 0, attention_mask: torch.Tensor | None = None,
+                 sliding_window: int | None = None, key_length: int | None = None, device=None):
+        self.query_length, self.past_length, self.sliding_window = query_length, past_length, sliding_window
+        self.key_length = past_length + query_length if key_length is None else key_length
+        self.attention_mask = attention_mask  # [b, n] 0/1 or None
+        self.device = attention_mask.device if attention_mask is not None else device
+        self._check()
+        self.is_plain = self._plain()  # decided once per forward, not once per layer
+        self._dense: torch.Tensor | None = None
+
+    def _check(self) -> None:
+        if self.query_length <= 0 or self.past_length < 0:
+            raise ValueError(f"a mask needs query_length > 0 and past_length >= 0, got {self.query_length} "
+                             f"and {self.past_length}")
+        if self.key_length < self.past_length + self.query_length:
+            raise ValueError(f"key_length ({self.key_length}) must cover past_length + query_length "
+                             f"({self.past_length} + {self.query_length})")
+        if self.attention_mask is not None and (self.attention_mask.dim() != 2
+                                                or self.attention_mask.shape[1] > self.key_length):
+            raise ValueError(f"attention_mask must be [batch, key_positions <= {self.key_length}], got shape "
+                             f"{tuple(self.attention_mask.shape)}")
+
+    def __repr__(self) -> str:
+        padded = None if self.attention_mask is None else tuple(self.attention_mask.shape)
+        return (f"AttentionMask(queries={self.query_length}, keys={self.key_length}, past={self.past_length}, "
+                f"padding={padded}, window={self.sliding_window})")
+
+    def _plain(self) -> bool:
+        """True when every key up to the query is visible: SDPA's is_causal (or one query seeing all)."""
+        p, past, window = self.query_length, self.past_length, self.sliding_window
+        no_padding = self.attention_mask is None or bool(self.attention_mask.all())
+        return (no_padding and self.key_length == past + p and (window is None or past + p <= window)
+                and (past == 0 or p == 1))
+
+    def for_sdpa(self) -> torch.Tensor | None:
+        """None for plain causal (the kernel's is_causal path), else the dense bool mask."""
+        return None if self.is_plain else self.dense()
+
+    def dense(self) -> torch.Tensor:
+        """bool [b|1, 1, p, k], padding rows allowed everywhere; built at most once and kept."""
+        if self._dense is None:
+            self._dense = self.rows(0, self.query_length)
+        return self._dense
+
+    def visible_keys(self, stop: int) -> int:
+        """Keys that queries before `stop` may see: past + stop for causal rows without padding, else all.
+
+        (A padding row attends everywhere, see attend_somewhere, so a mask with padding keeps every key.)
+        """
+        if self.attention_mask is not None and not bool(self.attention_mask.all()):
+            return self.key_length
+        return min(self.key_length, self.past_length + stop)
+
+    def rows(self, start: int, stop: int, key_stop: int | None = None) -> torch.Tensor:
+        """bool [b|1, 1, stop - start, k] for queries start..stop-1 (keys cut at key_stop); not kept."""
+        if not 0 <= start < stop <= self.query_length:
+            raise ValueError(f"query window {start}:{stop} is outside the {self.query_length} queries "
+                             f"(accepted: 0 <= start < stop <= {self.query_length})")
+        mask = build_mask(stop - start, self.key_length, self.past_length + start, self.attention_mask,
+                          self.sliding_window, self.device)
+        return attend_somewhere(mask)[..., :key_stop]
+
+    def to(self, device) -> "AttentionMask":
+        """The same recipe on another device (the built tensor is not carried)."""
+        padding = None if self.attention_mask is None else self.attention_mask.to(device)
+        return AttentionMask(self.query_length, self.past_length, padding, self.sliding_window, self.key_length,
+                             device)

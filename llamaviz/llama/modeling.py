@@ -18,7 +18,7 @@ from .cache import DynamicCache
 from .config import LlamaConfig
 from .conveniences import TransformerLensMixin
 from .hook_points import HookedRootModule, HookPoint
-from .masks import attend_somewhere, build_mask
+from .masks import AttentionMask
 from .outputs import BaseModelOutput, CausalLMOutput
 from .quantize import quantization_request, quantize_model
 from .rope import RotaryEmbedding, rotary_embedding
@@ -87,11 +87,11 @@ class LlamaDecoderLayer(nn.Module):
         self.hook_mlp_out = HookPoint()  # [b, p, m]
         self.hook_resid_post = HookPoint()  # [b, p, m]
 
-    def forward(self, x, cos, sin, mask, cache=None, output_attentions=False, causal_mask=None):
+    def forward(self, x, cos, sin, mask: AttentionMask, cache=None, output_attentions=False):
         """x [b, p, m] -> (x [b, p, m], pattern [b, h, p, k] or None)."""
         resid_pre = self.hook_resid_pre(x)
         attn_out, pattern = self.self_attn(self.input_layernorm(resid_pre), cos, sin, mask, cache,
-                                           output_attentions, causal_mask)
+                                           output_attentions)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
         mlp_in = self.hook_mlp_in(resid_mid)
         mlp_out = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(mlp_in)))
@@ -238,13 +238,13 @@ class LlamaModel(LlamaPreTrainedModel):
             position_ids = default_position_ids(attention_mask, past, p, x.device)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # [b, p, d] each
         windows = self.config.layer_windows  # one mask per distinct window (Qwen2 mixes full and sliding layers)
-        masks = {w: self._attention_mask(attention_mask, p, past, cache, x.device, w) for w in set(windows)}
+        masks = {w: AttentionMask(p, past, attention_mask, w, getattr(cache, "key_length", None), x.device)
+                 for w in set(windows)}
         hidden, attentions = [], []
         for layer, window in zip(self.layers[start:stop], windows[start:stop]):
             if output_hidden_states:
                 hidden.append(x)
-            mask, causal_mask = masks[window]
-            x, pattern = layer(x, cos, sin, mask, cache, output_attentions, causal_mask)
+            x, pattern = layer(x, cos, sin, masks[window], cache, output_attentions)
             if output_attentions:
                 attentions.append(pattern)
         if stop_at_layer is None:
@@ -295,21 +295,6 @@ class LlamaModel(LlamaPreTrainedModel):
         if total > limit and self.config.rope_type != "dynamic":
             raise ValueError(f"sequence of {total} tokens is longer than the model's context of {limit} "
                              "(config.max_position_embeddings)")
-
-    def _attention_mask(self, attention_mask, p, past, cache, device, window):
-        """(mask or None for plain causal, a builder of the explicit mask for the eager path); `window` None = full."""
-        key_length = getattr(cache, "key_length", None) or past + p
-        plain = ((attention_mask is None or bool(attention_mask.all())) and key_length == past + p
-                 and (window is None or past + p <= window) and (past == 0 or p == 1))
-
-        built: list[torch.Tensor] = []  # the mask is built at most once per forward, and only if a layer needs it
-
-        def explicit() -> torch.Tensor:
-            if not built:
-                built.append(attend_somewhere(build_mask(p, key_length, past, attention_mask, window, device)))
-            return built[0]
-
-        return (None if plain else explicit()), explicit
 
 
 class LlamaForCausalLM(TransformerLensMixin, LlamaPreTrainedModel):

@@ -46,7 +46,10 @@ class Qwen3Attention(LlamaAttention):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, p, m] -> q [b, p, h, d], k [b, p, g, d] (each head RMS-normalised), v [b, p, g, d]."""
         q, k, v = super().project(x)
-        return self.hook_q_normalized(self.q_norm(q)), self.hook_k_normalized(self.k_norm(k)), v
+        return self.hook_q_normalized(self.qk_norm(q, "q")), self.hook_k_normalized(self.qk_norm(k, "k")), v
+
+    def qk_norm(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        return (self.q_norm if kind == "q" else self.k_norm)(x)
 
 
 class MistralModel(LlamaModel):

@@ -3,15 +3,17 @@ matplotlib twins (`*_mpl`, for PNG/SVG/PDF export) and an HTML token view. All a
 functions of tensors + token strings; see plots.tokens for how tokens are displayed.
 Per-head scores for head_overview come from llamaviz.analysis (detect_heads, head_entropy)."""
 
-from .figures import (attention_heatmap, head_grid, head_overview, logit_lens, resid_norms,
-                      token_logprobs)
+from .figures import (attention_heatmap, attention_window, head_grid, head_overview, logit_lens,
+                      panel_grid, pooled_attention_heatmap, resid_norms, token_logprobs)
+from .pooling import max_pool, pattern_reader
 from .html import tokens_html
 from .static import (attention_heatmap_mpl, head_grid_mpl, head_overview_mpl, logit_lens_mpl,
                      resid_norms_mpl, token_logprobs_mpl)
 from .tokens import display_token, position_labels
 
 __all__ = [
-    "attention_heatmap", "attention_heatmap_mpl", "head_grid", "head_grid_mpl", "head_overview",
+    "attention_heatmap", "attention_heatmap_mpl", "attention_window", "pooled_attention_heatmap",
+    "panel_grid", "max_pool", "pattern_reader", "head_grid", "head_grid_mpl", "head_overview",
     "head_overview_mpl", "logit_lens", "logit_lens_mpl", "resid_norms", "resid_norms_mpl",
     "token_logprobs", "token_logprobs_mpl", "tokens_html",
     "display_token", "position_labels",

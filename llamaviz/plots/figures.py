@@ -11,7 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from . import panels
+from . import panels, pooling
 from .checks import check_name
 from .panels import Alternatives, Head, Heatmap, Tensor
 from .tokens import escape_all, escape_html
@@ -88,6 +88,23 @@ def attention_heatmap(pattern: Tensor, tokens: Sequence[str], key_tokens: Sequen
                                          hovertemplate=ATTENTION_HOVER))
 
 
+POOLED_HOVER = "query block %{y}<br>key block %{x}<br>max weight %{z:.4f}<extra></extra>"
+
+
+def pooled_attention_heatmap(pooled: pooling.Pooled, tokens: Sequence[str], key_tokens: Sequence[str] | None = None,
+                             *, title: str = "") -> go.Figure:
+    """A long pattern's overview: each cell the largest weight of its block, block ranges on hover."""
+    panel = pooling.pooled_panel(pooled, tokens, key_tokens, title)
+    return _single(panel, _heatmap_trace(panel, hovertemplate=POOLED_HOVER), cell=2)
+
+
+def attention_window(read_rows: pooling.RowReader, tokens: Sequence[str], queries: tuple[int, int],
+                     keys: tuple[int, int], *, title: str = "") -> go.Figure:
+    """Exact cells of a window of a long pattern, labelled with the tokens at their true positions."""
+    panel = pooling.window_panel(read_rows, tokens, queries, keys, title)
+    return _single(panel, _heatmap_trace(panel, customdata=panel.values, hovertemplate=ATTENTION_HOVER))
+
+
 def _grid_shape(count: int) -> tuple[int, int]:
     """Rows and columns of a near-square grid of `count` small multiples."""
     cols = math.ceil(math.sqrt(count))
@@ -101,6 +118,11 @@ def head_grid(pattern: Tensor, tokens: Sequence[str], key_tokens: Sequence[str] 
     Each cell's customdata is [layer, head, weight] and each trace's meta {"layer", "head"},
     so a click maps back to its head."""
     grid = panels.head_grid_panels(pattern, tokens, key_tokens, layer, drop_first, log_scale)
+    return panel_grid(grid, layer)
+
+
+def panel_grid(grid: list[Heatmap], layer: int) -> go.Figure:
+    """One layer's head panels (exact, windowed or pooled) as small multiples on one colour axis."""
     rows, cols = _grid_shape(len(grid))
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p.title for p in grid],
                         horizontal_spacing=0.02, vertical_spacing=0.06 / max(1, rows / 3))
@@ -110,8 +132,8 @@ def head_grid(pattern: Tensor, tokens: Sequence[str], key_tokens: Sequence[str] 
         fig.add_trace(_heatmap_trace(
             panel, customdata=customdata, coloraxis="coloraxis", name=panel.title,
             meta={"layer": int(layer), "head": head},
-            hovertemplate=f"{panel.title}<br>query %{{y}}<br>key %{{x}}"
-                          "<br>weight %{customdata[2]:.4f}<extra></extra>"),
+            hovertemplate=f"{escape_html(panel.title)}<br>{panel.y_title} %{{y}}<br>{panel.x_title} %{{x}}"
+                          f"<br>{panel.colorbar_title} %{{customdata[2]:.4f}}<extra></extra>"),
             row=head // cols + 1, col=head % cols + 1)
     zmin, zmax = _range(grid[0])
     fig.update_layout(coloraxis={"colorscale": grid[0].colorscale, "cmin": zmin, "cmax": zmax,

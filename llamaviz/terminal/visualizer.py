@@ -55,13 +55,17 @@ class AttentionMaskVisualizer:
 
     def render(self, text, *, layer: int | None = None, head=None, past_length: int = 0, color=None,
                width: int | None = None, max_tokens: int | None = None, scale: str = "row", stream=None,
-               raw_tokens: bool = False) -> str:
+               raw_tokens: bool = False, rows: tuple[int, int] | None = None) -> str:
         """The printout as a string. text: a prompt or a list of prompts (a left-padded batch).
         layer= (and head=, an index or "mean", default "mean") switches to the weights view; past_length=N
         treats the first N tokens as already in the KV cache, so rows are only the tokens after them.
         Rows are labelled with each token's text as the app shows it (' John' as '␣John'); raw_tokens=True
-        shows the vocabulary's pieces instead ('ĠJohn', '▁John'), as transformers' visualizer does."""
+        shows the vocabulary's pieces instead ('ĠJohn', '▁John'), as transformers' visualizer does.
+        rows=(start, stop) shows only those query rows of a long prompt (and the keys up to stop - 1);
+        the weights view then computes only those rows."""
         encoded = self.encode(text, raw_tokens=raw_tokens)
+        if rows is not None:
+            encoded, past_length = self._row_window(encoded, rows, past_length)
         options = dict(attention_mask=encoded.attention_mask, color=color, width=width, max_tokens=max_tokens,
                        stream=stream)
         if layer is None and head is None:
@@ -70,7 +74,7 @@ class AttentionMaskVisualizer:
                                info=self._info("mask: " + ", ".join(panels)), **options)
         layer, head = self.check_layer_head(layer, head)
         mask = self.mask(encoded, past_length)  # [b, 1, p, n]
-        weights = self.weights(encoded, layer, head)[:, -mask.shape[2]:]  # [b, p, n]
+        weights = self.weights(encoded, layer, head, first_row=past_length)  # [b, p, n]
         heads = f"mean of {self.config.num_attention_heads} heads" if head == "mean" else f"head {head}"
         return render_weights(encoded.tokens, weights, mask, title=f"Attention weights · {self.name}",
                               info=self._info(f"layer {layer}, {heads}"), scale=scale, **options)
@@ -95,16 +99,31 @@ class AttentionMaskVisualizer:
         window = self.config.sliding_window if sliding_window == "config" else sliding_window
         return build_mask(n - past_length, n, past_length, encoded.attention_mask, window)
 
-    def weights(self, encoded: Encoded, layer: int, head) -> torch.Tensor:
-        """Attention probabilities of `layer` for every query, float [b, n, n]: one head, or their mean."""
+    def weights(self, encoded: Encoded, layer: int, head, first_row: int = 0) -> torch.Tensor:
+        """Attention probabilities of `layer` for the queries from `first_row` on, float [b, n - first_row, n]:
+        one head, or their mean. Patterns are lazy, so only the rows shown are computed."""
         layer, head = self.check_layer_head(layer, head)
         model = self.model
         name = f"blocks.{layer}.attn.hook_pattern"
         with torch.no_grad():
-            _, cache = model.run_with_cache(encoded.input_ids.to(model.device), names_filter=name,
-                                            attention_mask=encoded.attention_mask.to(model.device))
-        pattern = cache[name].float().cpu()  # [b, h, n, n]
-        return pattern.mean(dim=1) if head == "mean" else pattern[:, head]
+            _, cache = model.run_with_cache(encoded.input_ids.to(model.device), names_filter=name, patterns="lazy",
+                                            attention_mask=encoded.attention_mask.to(model.device), logits_to_keep=1)
+            pattern = cache.pattern(layer, None if head == "mean" else head, slice(first_row, None)).float().cpu()
+        return pattern.mean(dim=1) if head == "mean" else pattern  # [b, rows, n]
+
+    def _row_window(self, encoded: Encoded, rows, past_length: int) -> tuple[Encoded, int]:
+        """The prompt cut after query row stop - 1, with start as the first row shown (as past_length is)."""
+        n = encoded.input_ids.shape[1]
+        if past_length:
+            raise ValueError("rows= and past_length= both choose the query rows; pass one of them")
+        if (not isinstance(rows, (tuple, list)) or len(rows) != 2 or not all(isinstance(r, int) for r in rows)
+                or not 0 <= rows[0] < rows[1] <= n):
+            raise ValueError(f"rows must be (start, stop) with 0 <= start < stop <= {n} (the prompt has {n} "
+                             f"tokens), got {rows!r}")
+        start, stop = rows
+        cut = Encoded(encoded.input_ids[:, :stop], encoded.attention_mask[:, :stop],
+                      [row[:stop] for row in encoded.tokens])
+        return cut, start
 
     def check_layer_head(self, layer, head) -> tuple[int, int | str]:
         """(layer, head) validated against the config; head None -> "mean". ValueError names the valid range."""

@@ -309,3 +309,27 @@ def test_views_of_a_finished_run_answer_within_a_second_while_another_page_gener
     writer.wait_for_function("() => /Stopped|Done/.test(document.querySelector('#status').innerText)")
     for page in (reader, writer):
         page.context.close()
+
+
+def test_a_4000_token_prompt_pools_zooms_and_shades_the_text(browser, server):
+    prompt = " ".join(f"item {i} is {'red' if i % 3 else 'blue'}." for i in range(700))  # about 4,000 tokens
+    page = open_page(browser, server)
+    page.set_default_timeout(5 * STEP_MS)  # a 4,000-token prefill and every head's score on 2 busy cores
+    start_generation(page, prompt, max_new_tokens=2)
+    wait_for_status(page, "Done")
+    page.wait_for_function("() => ((document.querySelector('#attention-plot .gtitle') || {}).textContent || '')"
+                           ".startsWith('L0 H0 (max over')")
+    move_slider(page, "#head", 4)
+    page.wait_for_function("() => ((document.querySelector('#attention-plot .gtitle') || {}).textContent || '')"
+                           ".startsWith('L0 H4 (max over')")
+    page.get_by_text("Zoom and text view (long texts)").click()
+    for box, value in (("#zoom-q0", 3900), ("#zoom-q1", 3931), ("#zoom-k0", 0), ("#zoom-k1", 31)):
+        page.fill(f"{box} input", str(value))
+    page.click("#zoom")
+    wait_for_plot_title(page, "#attention-plot", "L0 H4 queries 3900–3931")
+    page.fill("#text-position input", "3000")
+    page.press("#text-position input", "Enter")
+    page.wait_for_selector('#attention-text span[data-pos="3000"].lv-picked')
+    page.click('#attention-text span[data-pos="2990"]')  # a click picks that token
+    page.wait_for_selector('#attention-text span[data-pos="2990"].lv-picked')
+    assert "what token 2990 attends to" in page.inner_text("#attention-text")

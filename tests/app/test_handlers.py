@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from llamaviz import analysis
-from llamaviz.app import generating, handlers, models, state as app_state, views
+from llamaviz.app import generating, handlers, long_views, models, state as app_state, views
 from llamaviz.generation import generate as library_generate
 from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.notebook import read_view
@@ -72,7 +72,8 @@ def reference(session, entry):
     """run_with_cache on the same tokens, all patterns + residuals: what the stored activations must equal."""
     run = session[0].run
     with entry.lock, torch.no_grad():
-        logits, cache = entry.model.run_with_cache(run.ids[:, :-1], names_filter=app_state.capture_filter)
+        logits, cache = entry.model.run_with_cache(run.ids[:, :-1], names_filter=lambda name: name.endswith(
+            ("attn.hook_pattern", "hook_resid_pre", "hook_resid_post", "mlp.hook_post", "attn.hook_z")))
         full_logits = entry.model(run.ids).logits[0].float()  # [T, v]
     return cache, full_logits
 
@@ -150,10 +151,17 @@ def test_sampling_settings_reach_the_library_sampler(path, entry):
 
 def test_stored_activations_equal_run_with_cache_on_the_same_tokens(session, reference):
     run, (cache, _) = session[0].run, reference
-    assert set(run.cache) == set(cache)
-    for name in ("blocks.0.attn.hook_pattern", "blocks.17.attn.hook_pattern", "blocks.29.hook_resid_post",
-                 "blocks.5.mlp.hook_post", "blocks.11.attn.hook_z"):
+    layers = run.entry.config.num_hidden_layers
+    kept = {n for n in cache if n.endswith(("hook_pattern", "hook_resid_pre")) or n == f"blocks.{layers - 1}.hook_resid_post"}
+    assert set(run.cache) == kept  # linear in T: lazy patterns, the residual stream once
+    rope = 2 * len(run.cached_tokens) * run.entry.config.head_dim * 4  # cos and sin [1, T, d], shared by the layers
+    assert run.cache.lazy is not None and run.cache.nbytes() == sum(cache[n].nbytes for n in kept if "resid" in n) + rope
+    for name in ("blocks.0.attn.hook_pattern", "blocks.17.attn.hook_pattern", "blocks.29.hook_resid_post"):
         torch.testing.assert_close(run.cache[name], cache[name], atol=1e-3, rtol=1e-3)  # KV-cached vs one pass
+    post = cache["post", 5][0].float()  # the MLP statistics were gathered while generating
+    assert run.stats.mlp_rows()[5]["mean |post|"] == pytest.approx(post.abs().mean().item(), abs=2e-4)
+    assert run.stats.mlp_rows()[5]["fraction > 0"] == pytest.approx((post > 0).float().mean().item(), abs=2e-4)
+    torch.testing.assert_close(run.stats.z_mean(11), cache["z", 11][0].mean(0), atol=1e-4, rtol=1e-4)
 
 
 def test_a_second_generation_replaces_the_first_and_frees_it(path):
@@ -224,7 +232,7 @@ def test_out_of_range_settings_are_reported_in_the_status_line(path, settings, m
 @pytest.mark.parametrize("prompt, message", [
     ("", "the prompt is empty"),
     ("   \n ", "the prompt is empty"),
-    ("word " * 600, "at most 511 fit"),
+    ("word " * 8300, "at most 8191 fit (the model&#x27;s context is 8192 tokens)"),
     ("x" * 200_000, "the app takes at most 100,000"),
 ])
 def test_empty_and_overlong_prompts_are_reported(path, prompt, message):
@@ -537,3 +545,51 @@ def test_views_of_a_finished_run_do_not_wait_for_the_model_lock(session, entry):
         ablation = handlers.ablate(state, "1.1", [], "zero", "")
         assert "generation to finish with the model" in next(ablation)[-1]  # ablation runs the model: it waits
     assert "Ablated L1H1" in next(ablation)[-1]  # and answers once the lock is free
+
+
+# ---------------------------------------------------------------- long texts
+
+
+@pytest.fixture(scope="module")
+def long_session(path, entry):
+    """A generation on a prompt of about 700 tokens: the attention views pool."""
+    state = app_state.BrowserState()
+    prompt = " ".join(f"item {i} is {'red' if i % 3 else 'blue'}." for i in range(120))
+    outputs = run_generate(state, path, prompt, max_new_tokens=2)
+    assert not is_error(outputs[-1][1]), outputs[-1][1]
+    run = state.run
+    assert len(run.cached_tokens) > long_views.LONG
+    with entry.lock, torch.no_grad():
+        _, cache = entry.model.run_with_cache(run.ids[:, :-1], names_filter="blocks.7.attn.hook_pattern")
+    return state, cache["pattern", 7][0]  # [h, T, T]
+
+
+def brute_force_pool(weights: np.ndarray, size: int) -> np.ndarray:
+    rows = -(-weights.shape[0] // size)
+    return np.array([[weights[i * size:(i + 1) * size, j * size:(j + 1) * size].max() for j in range(rows)]
+                     for i in range(rows)])
+
+
+def test_long_texts_pool_zoom_and_shade_the_text_with_exact_values(long_session):
+    state, pattern = long_session
+    n = pattern.shape[-1]
+    figure, _, _ = handlers.draw_attention(state, 7, 3, False, False, False)
+    size = -(-n // 512)
+    np.testing.assert_allclose(np.asarray(figure.data[0].z), brute_force_pool(pattern[3].numpy(), size), atol=1e-4)
+    assert "max over" in figure.layout.title.text and "–" in figure.data[0].y[0]
+    zoom, status = handlers.draw_zoom(state, 7, 3, False, 600, 640, 0, 40)
+    np.testing.assert_allclose(np.asarray(zoom.data[0].z), pattern[3, 600:641, :41].numpy(), atol=1e-4)
+    assert zoom.data[0].y[0].startswith("600: ")
+    text, _ = handlers.draw_text(state, 7, 3, False, 650, "attends to")
+    assert text.count("data-pos=") == n and 'data-pos="650" class="lv-picked"' in text
+    top = int(pattern[3, 650].argmax())
+    assert f'title="{top}: weight {pattern[3, 650, top].item():.4f}"' in text
+    reverse, _ = handlers.draw_text(state, 7, "mean", True, 5, "attended by")
+    column = pattern.mean(0)[:, 5]
+    assert f'title="{int(column.argmax())}: weight {column.max().item():.4f}"' in reverse
+    grid, _, _, _ = handlers.draw_layer(state, 7, False, False)
+    assert len(grid.data) == 9 and np.asarray(grid.data[0].z).shape[0] <= long_views.GRID_CELLS
+    _, status = handlers.draw_zoom(state, 7, 3, False, 600, n + 5, 0, 40)
+    assert is_error(status) and f"outside the {n} positions" in status
+    _, status = handlers.draw_text(state, 7, 3, False, n, "attends to")
+    assert is_error(status) and f"0..{n - 1}" in status

@@ -1,0 +1,118 @@
+"""Long patterns made readable: max-pooled overviews and exact zoomed windows.
+
+At thousands of tokens a T x T heatmap has more cells than pixels. The overview max-pools the
+pattern into at most `cells` x `cells` blocks (a sharp attention to one far token stays visible,
+where a mean would wash it out), reading the pattern one band of query rows at a time, so a lazy
+cache never materialises the whole matrix. A window shows exact cells with token labels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .panels import Head, Heatmap
+from .tokens import display_token, shorten
+
+MAX_CELLS = 512  # an overview is at most this many blocks per side
+BAND_ROWS = 1024  # query rows read at once while pooling (about 1024 x T floats per head)
+
+RowReader = Callable[[int, int], torch.Tensor]  # (start, stop) -> weights [stop - start, k' <= k]
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """values [R, C]: the largest weight of each block; edges [R + 1] / [C + 1]: block boundaries."""
+
+    values: np.ndarray
+    row_edges: np.ndarray
+    col_edges: np.ndarray
+
+    def block_of(self, query: int, key: int) -> tuple[int, int]:
+        """(row block, column block) holding cell (query, key)."""
+        return (int(np.searchsorted(self.row_edges, query, side="right")) - 1,
+                int(np.searchsorted(self.col_edges, key, side="right")) - 1)
+
+
+def block_edges(length: int, cells: int = MAX_CELLS) -> np.ndarray:
+    """[n + 1] boundaries of n <= cells equal blocks over 0..length (the last may be shorter)."""
+    if length < 1 or cells < 1:
+        raise ValueError(f"block_edges needs length >= 1 and cells >= 1, got {length} and {cells}")
+    size = math.ceil(length / cells)
+    return np.append(np.arange(0, length, size), length)
+
+
+def max_pool(read_rows: RowReader, queries: int, keys: int, cells: int = MAX_CELLS) -> Pooled:
+    """Max-pool a [queries, keys] pattern read band by band; weights >= 0, so missing keys count as 0."""
+    row_edges, col_edges = block_edges(queries, cells), block_edges(keys, cells)
+    row_size, col_size = int(row_edges[1] - row_edges[0]), int(col_edges[1] - col_edges[0])
+    cols = len(col_edges) - 1
+    band = max(row_size, BAND_ROWS // row_size * row_size)  # whole row blocks per read
+    pooled = []
+    for start in range(0, queries, band):
+        stop = min(queries, start + band)
+        rows = read_rows(start, stop).float()  # [c, k']
+        row_blocks = math.ceil((stop - start) / row_size)
+        padded = rows.new_zeros(row_blocks * row_size, cols * col_size)  # [c', k''] zero beyond the data
+        padded[:rows.shape[0], :rows.shape[1]] = rows
+        pooled.append(padded.view(row_blocks, row_size, cols, col_size).amax(dim=(1, 3)))  # [rb, C]
+    return Pooled(torch.cat(pooled).cpu().numpy().astype(np.float64), row_edges, col_edges)
+
+
+def pattern_reader(cache, layer: int, head: Head, batch: int = 0) -> RowReader:
+    """Rows of one head (or the mean of the layer's heads) of a cache's pattern, lazy or stored."""
+    from llamaviz.llama.lazy_patterns import pattern_rows
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        if head == "mean":
+            return pattern_rows(cache, layer, start, stop)[batch].float().mean(0)  # [c, k']
+        return pattern_rows(cache, layer, start, stop, head=head)[batch]  # [c, k']
+
+    return read
+
+
+def block_label(edges: np.ndarray, index: int, tokens: Sequence[str]) -> str:
+    """ "a–b: first…last" for block `index` (positions a..b inclusive)."""
+    start, stop = int(edges[index]), int(edges[index + 1]) - 1
+    first = shorten(display_token(tokens[start]), 12)
+    if start == stop:
+        return f"{start}: {first}"
+    return f"{start}–{stop}: {first}…{shorten(display_token(tokens[stop]), 12)}"
+
+
+def pooled_panel(pooled: Pooled, tokens: Sequence[str], key_tokens: Sequence[str] | None = None,
+                 title: str = "") -> Heatmap:
+    """The overview as a Heatmap panel; each row/column label names its block's position range."""
+    key_tokens = tokens if key_tokens is None else key_tokens
+    rows, cols = pooled.values.shape
+    if pooled.row_edges[-1] != len(tokens) or pooled.col_edges[-1] != len(key_tokens):
+        raise ValueError(f"pooled pattern covers {pooled.row_edges[-1]} queries and {pooled.col_edges[-1]} "
+                         f"keys; got {len(tokens)} tokens and {len(key_tokens)} key tokens")
+    size = int(pooled.row_edges[1] - pooled.row_edges[0])
+    suffix = f" (max over {size} x {int(pooled.col_edges[1] - pooled.col_edges[0])} blocks)" if size > 1 else ""
+    return Heatmap(values=pooled.values, x_labels=[block_label(pooled.col_edges, i, key_tokens) for i in range(cols)],
+                   y_labels=[block_label(pooled.row_edges, i, tokens) for i in range(rows)],
+                   title=(title + suffix).strip(), x_title="key block", y_title="query block",
+                   colorbar_title="max weight", colorscale="Blues", zmin=0.0, zmax=1.0)
+
+
+def window_panel(read_rows: RowReader, tokens: Sequence[str], queries: tuple[int, int], keys: tuple[int, int],
+                 title: str = "") -> Heatmap:
+    """Exact weights of queries q0..q1-1 x keys k0..k1-1 with "i: token" labels at their true positions."""
+    (q0, q1), (k0, k1) = queries, keys
+    total = len(tokens)
+    if not (0 <= q0 < q1 <= total and 0 <= k0 < k1 <= total):
+        raise ValueError(f"window queries {q0}:{q1}, keys {k0}:{k1} is outside the sequence of {total} tokens "
+                         f"(accepted: 0 <= start < stop <= {total})")
+    rows = read_rows(q0, q1).float()  # [q, k']
+    weights = rows.new_zeros(q1 - q0, k1 - k0)
+    width = max(0, min(k1, rows.shape[1]) - k0)
+    weights[:, :width] = rows[:, k0:k0 + width]
+    label = lambda i: f"{i}: {shorten(display_token(tokens[i]), 32)}"  # noqa: E731
+    return Heatmap(values=weights.cpu().numpy().astype(np.float64), x_labels=[label(i) for i in range(k0, k1)],
+                   y_labels=[label(i) for i in range(q0, q1)], title=f"{title} queries {q0}–{q1 - 1}".strip(),
+                   x_title="key", y_title="query", colorbar_title="weight", colorscale="Blues", zmin=0.0, zmax=1.0)
