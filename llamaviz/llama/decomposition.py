@@ -136,14 +136,7 @@ class DecompositionMixin:
             result = pos_slice.apply(self[f"blocks.{i}.attn.hook_result"], dim=-3)  # [b, p, h, m]
             parts.append(result.movedim(-2, 0))
             labels.extend(f"L{i}H{h}" for h in range(result.shape[-2]))
-        stack = torch.cat(parts)
-        if incl_remainder:
-            remainder = pos_slice.apply(self[f"blocks.{layer - 1}.hook_resid_post"], dim=-2) - stack.sum(0)
-            stack = torch.cat([stack, remainder[None]])
-            labels.append("remainder")
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._finish_stack(torch.cat(parts), labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
     def stack_neuron_results(self, layer: int | None = None, pos_slice=None, neuron_slice=None,
                              return_labels: bool = False, incl_remainder: bool = False, apply_ln: bool = False):
@@ -162,7 +155,10 @@ class DecompositionMixin:
             labels.extend(f"L{i}N{n}" for n in chosen.tolist())
         if not parts:
             raise ValueError("stack_neuron_results(layer=0) selects no neuron: pass a layer of at least 1")
-        stack = torch.cat(parts)
+        return self._finish_stack(torch.cat(parts), labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
+
+    def _finish_stack(self, stack, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels):
+        """Optionally add what the stack leaves out of resid_post ("remainder") and the frozen norm; labels too."""
         if incl_remainder:
             remainder = pos_slice.apply(self[f"blocks.{layer - 1}.hook_resid_post"], dim=-2) - stack.sum(0)
             stack = torch.cat([stack, remainder[None]])

@@ -19,13 +19,11 @@ from .config import LlamaConfig
 from .conveniences import TransformerLensMixin
 from .hook_points import HookedRootModule, HookPoint
 from .masks import AttentionMask
-from .outputs import BaseModelOutput, CausalLMOutput
+from .outputs import HF_OUTPUT, BaseModelOutput, CausalLMOutput, causal_lm_loss, check_return_type, tl_output
 from .quantize import quantization_request, quantize_model
 from .rope import RotaryEmbedding, rotary_embedding
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-RETURN_TYPES = ("logits", "loss", "both", None)
-HF_OUTPUT = "output"  # forward's default return_type: transformers' CausalLMOutput
 
 
 class LlamaRMSNorm(nn.Module):
@@ -379,42 +377,3 @@ class LlamaForCausalLM(TransformerLensMixin, LlamaPreTrainedModel):
         from llamaviz.generation import generate_with_cache
 
         return generate_with_cache(self, input_ids, **kwargs)
-
-
-def check_return_type(return_type):
-    if return_type != HF_OUTPUT and return_type not in RETURN_TYPES:
-        raise ValueError(f"return_type {return_type!r} is not supported; accepted: "
-                         f"{', '.join(repr(r) for r in RETURN_TYPES)} (or leave it out for a CausalLMOutput)")
-    return return_type
-
-
-def tl_output(logits, return_type, tokens, attention_mask, loss_per_token):
-    """What a TransformerLens forward returns for `return_type`."""
-    if return_type == "logits":
-        return logits
-    if return_type is None:
-        return None
-    if tokens is None:
-        raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens= for the loss")
-    loss = next_token_loss(logits, tokens, attention_mask, loss_per_token)
-    return loss if return_type == "loss" else (logits, loss)
-
-
-def next_token_loss(logits, tokens, attention_mask=None, per_token: bool = False) -> torch.Tensor:
-    """TransformerLens' loss: -log p(tokens[i + 1]) at each position i; [b, p - 1] per token, else the mean."""
-    if tokens.shape[1] < 2:
-        raise ValueError("the next-token loss needs at least two tokens")
-    log_probs = logits[:, :-1].float().log_softmax(dim=-1)
-    losses = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]  # [b, p - 1]
-    if per_token:
-        return losses
-    if attention_mask is None:
-        return losses.mean()
-    counted = attention_mask[:, 1:].to(losses.device, losses.dtype)  # a target that is padding is not counted
-    return (losses * counted).sum() / counted.sum()
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: position i predicts labels[i + 1]; -100 is ignored."""
-    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # [b, p]
-    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(logits.device), ignore_index=-100)
