@@ -102,7 +102,7 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens: int = 2
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None, streamer=None,
              seed: int | None = None, cache_implementation: str | None = None, compile: bool = False,
-             stop: Callable[[], bool] | None = None, on_step: Callable | None = None, **unused) -> torch.Tensor:
+             stop: Callable[[], bool] | None = None, on_step: Callable | None = None) -> torch.Tensor:
     """Prompt + continuation ids [b, p + n]; finished rows are filled with pad_token_id.
 
     `stop()` returning True ends generation early (the app's Stop button); `on_step(ids [b, 1])`

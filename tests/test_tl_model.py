@@ -71,6 +71,8 @@ def test_unknown_keywords_and_bad_controls_are_refused(setup):
     for keyword in ("remove_batch_dims", "prepend_boss", "return_typ"):
         with pytest.raises(TypeError, match=keyword):
             ours(ids, **{keyword: True})
+    with pytest.raises(TypeError, match="stop_at_eoss"):
+        ours.generate(ids, max_new_tokens=2, stop_at_eoss=False)
     with pytest.raises(ValueError, match=r"stop_at_layer=4 is out of range for a model of 3 layers; accepted: an "
                                          r"integer from -3 to 3"):
         ours(ids, stop_at_layer=4)
