@@ -78,6 +78,10 @@ def app_capture(model, ids: torch.Tensor):
 def child_memory(case: str, tokens: int, new: int) -> dict:
     from llamaviz.llama.capture import capture_sizes
 
+    if case == "app":  # the app process sets glibc's allocator at launch (llamaviz.app.release_freed_memory)
+        from llamaviz.app import release_freed_memory
+
+        release_freed_memory()
     model, _ = load_ours()
     ids = prompt_ids(model.config.vocab_size, tokens)
     every_pattern = lambda name: name.endswith("hook_pattern")  # noqa: E731
