@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from llamaviz.llama.cache import DynamicCache, StaticCache
-from llamaviz.llama.capture import Recorder, choose_patterns
+from llamaviz.llama.capture import Recorder, choose_patterns, exact_patterns, layer_progress_hooks
 from llamaviz.llama.masks import AttentionMask
 from llamaviz.streamers import TextIteratorStreamer, TextStreamer
 
@@ -186,21 +186,23 @@ def _new_cache(model, input_ids, max_new_tokens, cache_implementation):
 
 
 def generate_with_cache(model, input_ids=None, max_new_tokens: int = 20, names_filter=None,
-                        memory_budget: int | None = None, patterns: str = "lazy", **sampling):
+                        memory_budget: int | None = None, patterns: str = "lazy", progress=None, **sampling):
     """(sequences [b, T], ActivationCache equal to run_with_cache(sequences[:, :-1])) in one decode pass.
 
     Each step records its activations through the Recorder run_with_cache uses: per-position ones
     are joined along positions; with patterns="stored", pattern/scores rows are written into one
     [b, h, T-1, T-1] matrix; with "lazy" (the default) the cache keeps rot_q / rot_k instead, and
     with "recompute" only each layer's resid_pre (q / k are rebuilt from it when a pattern is read).
+    progress=True (a bar) or a callable (done, total) follows the prompt's prefill layer by layer.
     """
     names = model.resolve_hook_names(names_filter)
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("generate_with_cache needs input_ids of shape [batch, positions]")
     batch, total = input_ids.shape[0], input_ids.shape[1] + max_new_tokens - 1
-    patterns = choose_patterns(model, names, batch, total, total, memory_budget, None, patterns)
+    patterns = choose_patterns(model, names, batch, total, total, memory_budget, None,
+                               exact_patterns(model, patterns))
     recorder = Recorder(model, names, patterns, length=total)  # gathers heads under TP
-    with model.hooks(fwd_hooks=recorder.hooks()):
+    with model.hooks(fwd_hooks=recorder.hooks() + layer_progress_hooks(model, progress)):
         sequences = generate(model, input_ids, max_new_tokens=max_new_tokens, cache_implementation="dynamic",
                              **sampling)
     length = sequences.shape[1] - 1

@@ -43,6 +43,9 @@ class OfflineNotebookRenderer(NotebookRenderer):
         return {"text/html": html}
 
 
+LONG_PREFILL = 1024  # tokens from which capturing shows a progress bar
+
+
 def enable_offline() -> bool:
     """Make figures render offline in this notebook: plotly.js is inlined once, before the
     first figure shown, and each figure carries both plotly's mimetype (JupyterLab, VS Code)
@@ -91,7 +94,8 @@ def run(model, tok, text: str, names: list[str], ids: torch.Tensor | None = None
     with torch.no_grad():
         if not names:
             return Run(ids, tokens, model(ids.to(model.device)).logits, None)
-        logits, cache = model.run_with_cache(ids.to(model.device), names_filter=names, patterns=patterns)
+        logits, cache = model.run_with_cache(ids.to(model.device), names_filter=names, patterns=patterns,
+                                             progress=ids.shape[1] >= LONG_PREFILL)  # a bar for long texts
     return Run(ids, tokens, logits, cache)
 
 

@@ -123,6 +123,39 @@ def choose_patterns(model, names: list[str], batch: int, positions: int, key_pos
     return patterns
 
 
+def progress_reporter(progress, total: int, label: str) -> Callable[[int], None]:
+    """progress=True draws a tqdm bar; a callable gets (done, total); None/False reports nothing."""
+    if callable(progress):
+        return lambda done: progress(done, total)
+    if not progress:
+        return lambda done: None
+    from tqdm.auto import tqdm  # only when a bar is asked for
+
+    bar = tqdm(total=total, desc=label)
+
+    def update(done: int) -> None:
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def layer_progress_hooks(model, progress) -> list[tuple[str, Callable]]:
+    """Hooks reporting (layers done, layers) as a forward over more than one position (a prefill) passes
+    each layer; decode steps are not reported. Empty when progress is None/False."""
+    if not progress:
+        return []
+    layers = model.config.num_hidden_layers
+    report = progress_reporter(progress, layers, "layers")
+
+    def passed(x: torch.Tensor, hook) -> None:
+        if x.shape[1] > 1:
+            report(hook.layer() + 1)
+
+    return [(f"blocks.{layer}.hook_resid_post", passed) for layer in range(layers)]
+
+
 class Recorder:
     """Records the named activations of one forward, or of every step of a decode loop.
 
@@ -221,7 +254,7 @@ class CachingMixin:
     """Adds run_with_cache to a HookedRootModule."""
 
     def run_with_cache(self, input_ids, names_filter=None, device=None, memory_budget: int | None = None,
-                       patterns: str = "stored", remove_batch_dim: bool = False, **forward_kwargs):
+                       patterns: str = "stored", remove_batch_dim: bool = False, progress=None, **forward_kwargs):
         """One forward that records the named activations: (logits or last hidden state, ActivationCache).
 
         On a causal LM the first item follows forward's return_type ("logits" by default, TransformerLens);
@@ -229,7 +262,8 @@ class CachingMixin:
         patterns="lazy" keeps rot_q / rot_k for the selected hook_pattern / hook_attn_scores and
         computes them when read; "recompute" keeps only those layers' resid_pre and rebuilds q / k
         from it (no hook may edit q / k meanwhile); "stored" (the default) switches to lazy with a
-        warning when the matrices would exceed the memory budget.
+        warning when the matrices would exceed the memory budget. progress=True (a bar) or a callable
+        (done, total) follows the forward layer by layer.
         """
         if hasattr(self, "text_input"):
             input_ids, mask = self.text_input(input_ids, forward_kwargs.pop("attention_mask", None),
@@ -254,7 +288,7 @@ class CachingMixin:
                              getattr(past, "key_length", None), input_ids.device)
         if self.tl_return_type is not None:
             forward_kwargs.setdefault("return_type", self.tl_return_type)
-        with self.hooks(fwd_hooks=recorder.hooks()):
+        with self.hooks(fwd_hooks=recorder.hooks() + layer_progress_hooks(self, progress)):
             out = self(input_ids, **forward_kwargs)
         cache = recorder.finish(mask, input_ids, past_keys=past_keys, position_ids=forward_kwargs.get("position_ids"))
         if self.tl_return_type is None:

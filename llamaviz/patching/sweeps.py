@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from llamaviz.llama.capture import progress_reporter
 from llamaviz.llama.names import get_act_name
 
 from .kinds import KINDS, PatchKind, axis_sizes
@@ -69,7 +70,7 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     shape = (layers, *(sizes[a] for a in spec.axes))
     cells = list(itertools.product(*(range(sizes[a]) for a in spec.axes)))
     result = torch.zeros(shape)
-    report = _progress(progress, layers * len(cells), kind)
+    report = progress_reporter(progress, layers * len(cells), kind)
     batch, rows = tokens.shape[0], _rows_per_forward(model, tokens)
     done = 0
     for layer in range(layers):
@@ -108,21 +109,3 @@ def _patched_logits(model, resid, layer: int, name: str, spec: PatchKind, cells,
 def _rows_per_forward(model, tokens: torch.Tensor) -> int:
     per_copy = tokens.shape[0] * tokens.shape[1] * model.config.vocab_size * 4
     return max(1, LOGITS_BYTES_PER_FORWARD // per_copy)
-
-
-def _progress(progress, total: int, label: str) -> Callable[[int], None]:
-    """progress=True draws a tqdm bar; a callable gets (done, total); None/False reports nothing."""
-    if callable(progress):
-        return lambda done: progress(done, total)
-    if not progress:
-        return lambda done: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=label)
-
-    def update(done: int) -> None:
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update

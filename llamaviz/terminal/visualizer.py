@@ -107,7 +107,8 @@ class AttentionMaskVisualizer:
         name = f"blocks.{layer}.attn.hook_pattern"
         with torch.no_grad():
             _, cache = model.run_with_cache(encoded.input_ids.to(model.device), names_filter=name, patterns="lazy",
-                                            attention_mask=encoded.attention_mask.to(model.device), logits_to_keep=1)
+                                            attention_mask=encoded.attention_mask.to(model.device), logits_to_keep=1,
+                                            progress=encoded.input_ids.shape[1] >= 1024)  # a bar on stderr
             pattern = cache.pattern(layer, None if head == "mean" else head, slice(first_row, None)).float().cpu()
         return pattern.mean(dim=1) if head == "mean" else pattern  # [b, rows, n]
 

@@ -206,3 +206,16 @@ def test_lazy_equals_stored_on_the_default_model(default_gguf):
         assert_close(recomputed["attn_scores", layer], lazy["attn_scores", layer], atol=1e-5, rtol=0)
         # a lazy run takes the fused path in every layer, so its residual stream drifts by float rounding
         assert_close(lazy["pattern", layer], stored["pattern", layer], atol=1e-5, rtol=0)
+
+
+def test_progress_follows_the_prefill_layer_by_layer_and_not_the_decode_steps():
+    from tiny import hf_and_ours
+
+    _, model = hf_and_ours("gqa")
+    ids = torch.randint(3, 113, (1, 6))
+    seen = []
+    model.run_with_cache(ids, names_filter="blocks.0.attn.hook_pattern", progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    seen.clear()
+    model.generate_with_cache(ids, max_new_tokens=4, progress=lambda d, t: seen.append(d))
+    assert seen == [1, 2, 3]  # the prompt's forward only
