@@ -128,7 +128,7 @@ def sweep_rows(ours, tl, clean, corrupted, metric, runs: int, tl_layers: int) ->
         lambda: tl_patching.generic_activation_patch(tl, corrupted, tl_cache, metric,
                                                      tl_patching.layer_pos_head_vector_patch_setter, "z",
                                                      index_df=sample), 1)
-    mine_cells = mine[sample["layer"].values, sample["pos"].values, sample["head"].values]
+    mine_cells = mine[sample["layer"].tolist(), sample["pos"].tolist(), sample["head"].tolist()]
     theirs_s = sample_s * layers * positions * heads / len(sample)
     rows.append((f"`{name}` {tuple(mine.shape)} (TL: {len(sample)} cells, scaled)", mine_s, theirs_s,
                  float((mine_cells - theirs).abs().max())))
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tl-layers", type=int, default=1, help="layers of cells TL runs in the by-position sweep")
     args = parser.parse_args()
-    import transformer_lens
+    from importlib.metadata import version
 
     ours, tl = load(args.threads)
     clean, corrupted = prompt_pair(ours, tl)
@@ -171,9 +171,9 @@ def main() -> None:
     print(f"prompt pair ({clean.shape[1]} tokens): {ours.to_str_tokens(clean)} / ...{ours.to_str_tokens(corrupted)[-5:]}")
     rows = [attribution_row(ours, tl, clean, corrupted, metric, args.runs)]
     rows += sweep_rows(ours, tl, clean, corrupted, metric, args.runs, args.tl_layers)
-    print(f"\nllamaviz vs TransformerLens {transformer_lens.__version__} (TransformerBridge, no processing), "
+    print(f"\nllamaviz vs TransformerLens {version('transformer-lens')} (TransformerBridge, no processing), "
           f"torch {torch.__version__}, {args.threads} thread(s), median of {args.runs} alternating runs, "
-          f"default model float32, {clean.shape[1]}-token prompt pair:\n")
+          f"default model float32, {clean.shape[1]}-token prompt pair (by-position row: one run each):\n")
     print("| measure | llamaviz (s) | TransformerLens (s) | ratio (>1 = llamaviz faster) | max abs diff |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for label, mine, theirs, diff in rows:
