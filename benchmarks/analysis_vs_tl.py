@@ -24,7 +24,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tl_reference.bridge
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's llamaviz; tl_reference.bridge
 
 import torch  # noqa: E402
 
@@ -162,6 +163,7 @@ def main() -> None:
     from importlib.metadata import version
 
     ours, tl = load(args.threads)
+    print("llamaviz from", sys.modules["llamaviz"].__file__)
     clean, corrupted = prompt_pair(ours, tl)
     john, mary = ours.to_single_token(" John"), ours.to_single_token(" Mary")
 
