@@ -3,10 +3,8 @@
 Same numbers as TransformerLens' `patching.get_act_patch_*`, computed differently: the patched runs
 of one layer go through the model together (the corrupted prompt repeated along the batch, each
 copy patched at its own cell), and each starts at the patched layer from the corrupted run's
-residual stream, since nothing before that layer changes. Attention is causal, so a patch at a
-position changes nothing before it: those positions keep the corrupted run's logits and only the
-later ones go through lm_head. `metric(logits [b, p, v])` is called once per cell on that cell's
-logits, exactly as TransformerLens calls it.
+residual stream, since nothing before that layer changes. `metric(logits [b, p, v])` is called once
+per cell on that cell's logits, exactly as TransformerLens calls it.
 """
 
 from __future__ import annotations
@@ -50,22 +48,22 @@ def _tokenization(model, tokens: torch.Tensor):
         return tokens[:1].tolist()
 
 
-def corrupted_inputs(model, corrupted_tokens, clean_cache) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """(tokens [b, p], the corrupted run's resid_pre of every layer [b, p, m], its logits [b, p, v])."""
+def corrupted_inputs(model, corrupted_tokens, clean_cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(tokens [b, p], the corrupted run's resid_pre of every layer [b, p, m])."""
     if isinstance(corrupted_tokens, (str, list)):
         corrupted_tokens = model.to_tokens(corrupted_tokens)
     check_pair(model, corrupted_tokens, getattr(clean_cache, "tokens", None))
     names = [f"blocks.{i}.hook_resid_pre" for i in range(model.config.num_hidden_layers)]
     with torch.no_grad():
-        logits, cache = model.run_with_cache(corrupted_tokens, names_filter=names, return_type="logits")
-    return corrupted_tokens, [cache[name] for name in names], logits
+        _, cache = model.run_with_cache(corrupted_tokens, names_filter=names, return_type=None)
+    return corrupted_tokens, [cache[name] for name in names]
 
 
 def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric: Callable, kind: str,
                              progress: Progress | bool | None = None) -> torch.Tensor:
     """The metric after patching each cell of `kind` (a name of kinds.KINDS): [L, *axes]."""
     spec = KINDS[kind]
-    tokens, resid, corrupted_logits = corrupted_inputs(model, corrupted_tokens, clean_cache)
+    tokens, resid = corrupted_inputs(model, corrupted_tokens, clean_cache)
     layers = model.config.num_hidden_layers
     sizes = axis_sizes(model.config, tokens.shape[1], spec.act)
     shape = (layers, *(sizes[a] for a in spec.axes))
@@ -81,7 +79,7 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
         clean = clean_cache[name].to(resid[layer].device)
         for start in range(0, len(cells), rows):
             chunk = cells[start:start + rows]
-            logits = _patched_logits(model, resid[layer], corrupted_logits, layer, name, spec, chunk, clean)
+            logits = _patched_logits(model, resid[layer], layer, name, spec, chunk, clean)
             for r, cell in enumerate(chunk):
                 result[(layer, *cell)] = check_scalar(patching_metric(logits[r * batch:(r + 1) * batch])).float()
             done += len(chunk)
@@ -90,10 +88,9 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
 
 
 @torch.no_grad()
-def _patched_logits(model, resid, corrupted_logits, layer: int, name: str, spec: PatchKind, cells,
-                    clean) -> torch.Tensor:
+def _patched_logits(model, resid, layer: int, name: str, spec: PatchKind, cells, clean) -> torch.Tensor:
     """Logits [n * b, p, v] of n patched copies of the corrupted run, starting at `layer`."""
-    batch, positions = resid.shape[:2]
+    batch = resid.shape[0]
 
     def patch(activation: torch.Tensor, hook) -> torch.Tensor:
         activation = activation.clone()
@@ -105,20 +102,7 @@ def _patched_logits(model, resid, corrupted_logits, layer: int, name: str, spec:
 
     x = resid.repeat(len(cells), 1, 1)  # [n * b, p, m]
     with model.hooks(fwd_hooks=[(name, patch)]):
-        hidden = model.model(x, start_at_layer=layer).last_hidden_state  # [n * b, p, m], after the final norm
-        first = torch.tensor([_first_changed(spec, cell) for cell in cells], device=x.device)  # [n]
-        if not bool(first.any()):  # every position can change
-            return model.hook_logits(model.lm_head(hidden))
-        changed = torch.arange(positions, device=x.device) >= first.repeat_interleave(batch)[:, None]  # [n * b, p]
-        logits = corrupted_logits.repeat(len(cells), 1, 1)  # [n * b, p, v]
-        logits[changed] = model.lm_head(hidden[changed]).to(logits.dtype)
-        return model.hook_logits(logits)
-
-
-def _first_changed(spec: PatchKind, cell: tuple[int, ...]) -> int:
-    """The first position a patch of this cell can change: its (query) position, else 0 (every position)."""
-    named = dict(zip(spec.axes, cell))
-    return named.get("pos", named.get("dest_pos", 0))
+        return model(x, start_at_layer=layer, return_type="logits")
 
 
 def _rows_per_forward(model, tokens: torch.Tensor) -> int:
