@@ -246,6 +246,7 @@ class DecompositionMixin:
                     batch_slice=None, has_batch_dim: bool = True) -> torch.Tensor:
         """Each component's direct effect on the logit of `tokens` (minus `incorrect_tokens`): stack without m.
 
+        Pass the raw stack (not apply_ln=True): the final norm's frozen scale is applied here.
         Components are put through the final norm's frozen scale and projected on
         model.tokens_to_residual_directions, which includes the final norm's weight, so the
         full decomposition's attributions add up to the logits.
