@@ -25,6 +25,7 @@ from plotly.io.base_renderers import NotebookRenderer
 
 from . import plots
 from .plots.checks import check_name, check_positive
+from .plots.html import save_html  # noqa: F401  (re-exported: notebook.save_html)
 from .plots.panels import Head
 
 _offline_ready = False
@@ -195,19 +196,6 @@ def show_resid_norms(model, tok, text: str,
     result = run(model, tok, text, _resid_names(model))
     return plots.resid_norms(resid_norm_table(result.cache), result.tokens,
                              _lens_labels(model.config.num_hidden_layers), kind=kind)
-
-
-# ---------------------------------------------------------------- files
-
-
-def save_html(fig: go.Figure, path: str | Path) -> Path:
-    """Write `fig` as a standalone HTML page with plotly.js inlined (opens offline, no CDN)."""
-    if not isinstance(fig, go.Figure):
-        hint = "; save a matplotlib figure with fig.savefig(path)" if hasattr(fig, "savefig") else ""
-        raise ValueError(f"fig must be a plotly Figure; got {type(fig).__name__}{hint}")
-    path = Path(path)
-    pio.write_html(fig, path, include_plotlyjs=True, include_mathjax=False, full_html=True)
-    return path
 
 
 # ---------------------------------------------------------------- views saved by the web app

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llamaviz import plots
-from llamaviz.notebook import save_html
+from llamaviz.plots.html import save_html
 
 from . import views
 from .state import Run
