@@ -23,7 +23,7 @@ import plotly.io as pio
 import torch
 from plotly.io.base_renderers import NotebookRenderer
 
-from . import plots
+from . import plots, readouts
 from .plots.checks import check_name, check_positive
 from .plots.html import save_html  # noqa: F401  (re-exported: notebook.save_html)
 from .plots.panels import Head
@@ -107,14 +107,10 @@ def _head(model, head: Head) -> Head:
 
 def _resid_names(model) -> list[str]:
     """The hook points accumulated_resid stacks: every resid_pre and the last resid_post."""
-    layers = model.config.num_hidden_layers
-    return [f"blocks.{i}.hook_resid_pre" for i in range(layers)] + [
-        f"blocks.{layers - 1}.hook_resid_post"]
+    return readouts.resid_names(model.config.num_hidden_layers)
 
 
-def _lens_labels(layers: int) -> list[str]:
-    """Row labels of an accumulated residual stack [layers+1, ...]: "embed", then "L0".."L{n-1}"."""
-    return ["embed"] + [f"L{i}" for i in range(layers)]
+_lens_labels = readouts.lens_labels
 
 
 # ---------------------------------------------------------------- tables behind the figures
@@ -122,9 +118,7 @@ def _lens_labels(layers: int) -> list[str]:
 
 def logit_lens_table(tok, cache) -> tuple[torch.Tensor, list[list[str]]]:
     """Top-token probability [layers+1, p] and top token strings [layers+1][p] of each layer."""
-    lens = cache.logit_lens(top_k=1)
-    probs = lens["top_probs"][:, 0, :, 0].float().cpu()                     # [layers+1, p]
-    ids = lens["top_ids"][:, 0, :, 0].cpu()                                  # [layers+1, p]
+    probs, ids = readouts.logit_lens_table(cache)
     return probs, [tok.display_tokens(row.tolist()) for row in ids]
 
 
@@ -132,19 +126,15 @@ def token_logprob_table(tok, input_ids: torch.Tensor, logits: torch.Tensor, top_
                         ) -> tuple[torch.Tensor, list[list[tuple[str, float]]]]:
     """Log-prob of each token given the ones before [p] (NaN first) and the top_k predictions."""
     top_k = check_positive(top_k, "top_k")
-    logprobs = torch.log_softmax(logits[0].float().cpu(), dim=-1)           # [p, v]
-    ids = input_ids[0].cpu()                                                 # [p]
-    chosen = logprobs[:-1].gather(-1, ids[1:, None])[:, 0]                   # [p-1]
-    values = torch.cat([torch.tensor([float("nan")]), chosen])              # [p]
-    top_probs, top_ids = logprobs[:-1].exp().topk(top_k, dim=-1)             # [p-1, top_k]
-    alternatives = [[]] + [list(zip(tok.display_tokens(row_ids.tolist()), row_probs.tolist()))
-                           for row_ids, row_probs in zip(top_ids, top_probs)]
-    return values, alternatives
+    table = readouts.token_logprobs([logits[0, :-1]], input_ids[0], top_k)
+    alternatives = [[]] + [list(zip(tok.display_tokens(ids), probs))
+                           for ids, probs in zip(table.top_ids.tolist(), table.top_probs.tolist())]
+    return table.chosen, alternatives
 
 
 def resid_norm_table(cache) -> torch.Tensor:
     """L2 norm of the residual stream [layers+1, p] (first batch row)."""
-    return cache.accumulated_resid()[:, 0].float().norm(dim=-1).cpu()
+    return readouts.resid_norms(cache)
 
 
 # ---------------------------------------------------------------- one-call helpers

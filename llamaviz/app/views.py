@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from llamaviz import analysis, plots
+from llamaviz import analysis, plots, readouts
 from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.llama.masks import build_mask
 from llamaviz.plots.tokens import display_token
@@ -162,9 +162,7 @@ def mask_html(run: Run) -> str:
 # ---------------------------------------------------------------- logit lens tab
 
 
-def lens_labels(layers: int) -> list[str]:
-    """Rows of the accumulated residual stream: the embeddings, then after each layer."""
-    return ["embed"] + [f"L{i}" for i in range(layers)]
+lens_labels = readouts.lens_labels  # rows of the accumulated residual stream: embed, then after each layer
 
 
 def lens_window(run: Run, start) -> tuple[int, int]:
@@ -183,12 +181,10 @@ def lens_table(run: Run, start=None) -> tuple[torch.Tensor, list[list[str]], lis
 
     def compute():
         cache, layers = run.activations(), num_layers(run)
-        names = [f"blocks.{i}.hook_resid_pre" for i in range(layers)] + [f"blocks.{layers - 1}.hook_resid_post"]
-        window = ActivationCache({n: cache[n][:, start:end] for n in names}, model=run.entry.model)
+        window = ActivationCache({n: cache[n][:, start:end] for n in readouts.resid_names(layers)},
+                                 model=run.entry.model)
         with run.entry.lock:  # norm and lm_head of the shared model: no other request's hooks attached
-            lens = window.logit_lens(top_k=1)
-        probs = lens["top_probs"][:, 0, :, 0].float()  # [layers+1, p]
-        top_ids = lens["top_ids"][:, 0, :, 0]  # [layers+1, p]
+            probs, top_ids = readouts.logit_lens_table(window)  # [layers+1, p] each
         top_tokens = [run.entry.tokenizer.convert_ids_to_tokens(row.tolist()) for row in top_ids]
         return probs, top_tokens, run.cached_tokens[start:end], lens_labels(layers)
 
@@ -210,21 +206,13 @@ def token_logprobs(run: Run, top: int = 5) -> tuple[torch.Tensor, list[list[tupl
     time: exact, and no [T, vocab] logits tensor is ever kept.
     """
     def compute():
-        cache, model = run.activations(), run.entry.model
-        final = cache[f"blocks.{num_layers(run) - 1}.hook_resid_post"][0]  # [T-1, m]
-        targets = run.ids[0, 1:]  # [T-1]: the token each position predicts
-        chosen, alternatives = [], []
-        with run.entry.lock, torch.no_grad():
-            for begin in range(0, final.shape[0], LOGIT_CHUNK):
-                x = final[begin:begin + LOGIT_CHUNK].to(model.device, model.dtype)
-                logprobs = torch.log_softmax(model.lm_head(model.model.norm(x)).float(), dim=-1)  # [c, v]
-                picked = targets[begin:begin + LOGIT_CHUNK].to(logprobs.device)
-                chosen.append(logprobs.gather(-1, picked[:, None])[:, 0].cpu())
-                values, ids = logprobs.topk(top, dim=-1)
-                for row_ids, row_values in zip(ids.tolist(), values.exp().tolist()):
-                    pieces = run.entry.tokenizer.convert_ids_to_tokens(row_ids)
-                    alternatives.append(list(zip(pieces, row_values)))
-        return torch.cat([torch.tensor([math.nan]), *chosen]), [[]] + alternatives
+        final = run.activations()[f"blocks.{num_layers(run) - 1}.hook_resid_post"][0]  # [T-1, m]
+        with run.entry.lock:
+            table = readouts.token_logprobs(readouts.final_logits(run.entry.model, final, LOGIT_CHUNK), run.ids[0], top)
+        convert = run.entry.tokenizer.convert_ids_to_tokens
+        alternatives = [list(zip(convert(ids), probs)) for ids, probs in zip(table.top_ids.tolist(),
+                                                                            table.top_probs.tolist())]
+        return table.chosen, [[]] + alternatives
 
     return memo(run, ("logprobs", top), compute)
 
@@ -259,8 +247,8 @@ def tokens_table(run: Run) -> pd.DataFrame:
 def resid_norm_table(run: Run) -> tuple[torch.Tensor, list[str], list[str]]:
     """(L2 norm of the residual stream [layers+1, p], tokens [p], row labels)."""
     def compute():
-        norms = run.activations().accumulated_resid()[:, 0].float().norm(dim=-1)  # [layers+1, p]
-        return norms, run.cached_tokens, ["embed"] + [f"after L{i}" for i in range(num_layers(run))]
+        norms = readouts.resid_norms(run.activations())  # [layers+1, p]
+        return norms, run.cached_tokens, readouts.norm_labels(num_layers(run))
 
     return memo(run, ("resid-norms-table",), compute)
 
