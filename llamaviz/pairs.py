@@ -68,12 +68,16 @@ def _hook_names(model, kinds) -> list[str]:
 
 
 def patch_pair(model, clean_ids: torch.Tensor, corrupted_ids: torch.Tensor, answer: int, wrong: int,
-               exact: bool = True, attribution: bool = True, names=tuple(SWEEPS),
+               exact: bool = True, attribution: bool = True, names=tuple(SWEEPS), exact_names=None,
                progress: Progress | None = None) -> PatchingResult:
-    """Both runs' logit differences and the normalised maps of the sweeps `names` (keys of SWEEPS)."""
-    unknown = [n for n in names if n not in SWEEPS]
-    if unknown or not names:
-        raise ValueError(f"unknown sweeps {unknown or list(names)}; accepted: {', '.join(SWEEPS)}")
+    """Both runs' logit differences and the normalised maps of the sweeps `names` (keys of SWEEPS).
+
+    `exact_names` (default: `names`) limits the exact sweeps, the costly part; attribution covers `names`.
+    """
+    exact_names = tuple(names if exact_names is None else exact_names)
+    unknown = [n for n in (*names, *exact_names) if n not in SWEEPS]
+    if unknown or not names or (exact and not exact_names):
+        raise ValueError(f"unknown or no sweeps {unknown or list(names)}; accepted: {', '.join(SWEEPS)}")
     if not (exact or attribution):
         raise ValueError("choose exact patching, attribution patching, or both")
     patching.sweeps.check_pair(model, corrupted_ids, clean_ids)
@@ -82,7 +86,7 @@ def patch_pair(model, clean_ids: torch.Tensor, corrupted_ids: torch.Tensor, answ
             raise ValueError(f"the {what} token id {token} is outside the vocabulary 0..{model.config.vocab_size - 1}")
     report = progress or (lambda share, text: None)
     metric = logit_diff(int(answer), int(wrong))
-    kinds = [SWEEPS[n] for n in names]
+    kinds = [SWEEPS[n] for n in dict.fromkeys((*names, *exact_names))]
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean_ids, names_filter=_hook_names(model, kinds))
         corrupted_logits = model(corrupted_ids, return_type="logits")
@@ -91,12 +95,12 @@ def patch_pair(model, clean_ids: torch.Tensor, corrupted_ids: torch.Tensor, answ
     result.normalise(torch.zeros(()))  # a pair the corruption does not change fails before any sweep
     if attribution:
         report(0.0, "attribution patching")
-        estimates = patching.attribution_patch(model, clean_ids, corrupted_ids, metric, names=kinds)
+        estimates = patching.attribution_patch(model, clean_ids, corrupted_ids, metric, names=[SWEEPS[n] for n in names])
         result.attribution = {n: result.normalise(estimates[SWEEPS[n]], change=True) for n in names}
     if exact:
-        for index, name in enumerate(names):
+        for index, name in enumerate(exact_names):
             def step(done: int, total: int, index=index, name=name) -> None:
-                report((index + done / total) / len(names), f"exact patching: {name}")
+                report((index + done / total) / len(exact_names), f"exact patching: {name}")
 
             values = patching.generic_activation_patch(model, corrupted_ids, clean_cache, metric, SWEEPS[name], step)
             result.exact[name] = result.normalise(values)

@@ -161,7 +161,7 @@ def test_bad_pairs_are_named(tiny):
         pairs.patch_pair(model, tokens, tokens[:, :-1], 5, 9)
     with pytest.raises(ValueError, match="changes nothing"):
         pairs.patch_pair(model, tokens, tokens.clone(), 5, 9, exact=False)
-    with pytest.raises(ValueError, match="unknown sweeps"):
+    with pytest.raises(ValueError, match="unknown or no sweeps"):
         pairs.patch_pair(model, tokens, tokens, 5, 9, names=("resid_post",))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         pairs.patch_pair(model, tokens, tokens, 5, 999)

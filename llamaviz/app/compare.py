@@ -74,10 +74,16 @@ def answer_ids(run: Run, answer: str, wrong: str) -> tuple[int, int]:
 
 
 def run_patching(bench: Workbench, run: Run, corrupted: str, answer: str, wrong: str, mode: str,
-                 progress=None) -> pairs.PatchingResult:
-    """Patch the pair under the model's lock; `progress(share, text)` is called often, and Stop raises Stopped."""
+                 progress=None, sweeps=tuple(pairs.SWEEPS)) -> pairs.PatchingResult:
+    """Patch the pair under the model's lock; `progress(share, text)` is called often, and Stop raises Stopped.
+
+    `sweeps` are the exact ones (the costly part); attribution patching always estimates all four.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown patching mode {mode!r}; accepted: {', '.join(MODES)}")
+    sweeps = tuple(sweeps or ())
+    if mode != "attribution" and not sweeps:
+        raise ValueError(f"tick at least one exact sweep ({', '.join(pairs.SWEEPS)}) or choose attribution patching")
     clean, bad = clean_ids(run), corrupted_ids(run, corrupted)
     answer_id, wrong_id = answer_ids(run, answer, wrong)
     model = run.entry.model
@@ -94,7 +100,8 @@ def run_patching(bench: Workbench, run: Run, corrupted: str, answer: str, wrong:
     try:
         with run.entry.lock:
             result = pairs.patch_pair(model, clean.to(model.device), bad.to(model.device), answer_id, wrong_id,
-                                      exact=mode != "attribution", attribution=mode != "exact", progress=report)
+                                      exact=mode != "attribution", attribution=mode != "exact",
+                                      exact_names=sweeps, progress=report)
     finally:
         bench.running = False
     tok = run.entry.tokenizer
@@ -104,24 +111,30 @@ def run_patching(bench: Workbench, run: Run, corrupted: str, answer: str, wrong:
     return result
 
 
-def shown_maps(result: pairs.PatchingResult, mode: str) -> tuple[dict, str]:
-    """The maps a mode shows (exact first when both ran) and their name."""
-    if mode != "attribution" and result.exact:
-        return result.exact, "exact patching"
-    return result.attribution, "attribution patching (estimate)"
+def shown_map(result: pairs.PatchingResult, name: str, mode: str) -> tuple[torch.Tensor, str]:
+    """The map of one sweep the page shows (exact when it ran, else the attribution estimate) and how it was made."""
+    if mode != "attribution" and name in result.exact:
+        return result.exact[name], "exact"
+    if name in result.attribution:
+        return result.attribution[name], "attribution"
+    raise ValueError(f"the {name} sweep did not run exactly: tick it, or choose attribution or both")
 
 
 def block_figure(bench: Workbench, mode: str):
-    maps, how = shown_maps(bench.result, mode)
-    blocks = {name: maps[name] for name in pairs.BLOCKS if name in maps}
-    return figures.patching_heatmap(blocks, bench.tokens, f"Normalised logit difference, {how}: resid_pre, "
-                                                          "attn_out, mlp_out by layer x position")
+    blocks = {}
+    for name in pairs.BLOCKS:
+        try:
+            values, how = shown_map(bench.result, name, mode)
+        except ValueError:
+            continue
+        blocks[f"{name} ({how})"] = values
+    return figures.patching_heatmap(blocks, bench.tokens, "Normalised logit difference by layer x position "
+                                                          "(1 = clean, 0 = corrupted)")
 
 
 def head_figure(bench: Workbench, mode: str):
-    maps, how = shown_maps(bench.result, mode)
-    return figures.head_heatmap(maps["heads"], f"Normalised logit difference, {how}: each head's output "
-                                               "(all positions)")
+    values, how = shown_map(bench.result, "heads", mode)
+    return figures.head_heatmap(values, f"Normalised logit difference, each head's output at all positions ({how})")
 
 
 def summary(bench: Workbench) -> str:

@@ -122,13 +122,14 @@ def load_example():
 
 
 @guarded
-def run_patching(state, bench, corrupted, answer, wrong, mode, progress=gr.Progress()):
+def run_patching(state, bench, corrupted, answer, wrong, mode, sweeps=tuple(compare.pairs.SWEEPS),
+                 progress=gr.Progress()):
     run = current_run(state)
     if not isinstance(bench, compare.Workbench):
         raise ValueError("this page lost its workbench state; reload the page")
     started = time.perf_counter()
     compare.run_patching(bench, run, corrupted, answer, wrong, mode,
-                         progress=lambda share, text: progress(share, desc=text))
+                         progress=lambda share, text: progress(share, desc=text), sweeps=sweeps)
     took = time.perf_counter() - started
     return {"patch_blocks": compare.block_figure(bench, mode), "patch_heads": compare.head_figure(bench, mode),
             "patch_summary": compare.summary(bench), "patch_tokens": compare.tokenizations(bench),
@@ -177,10 +178,11 @@ def analysis_figure(state, bench, which, index, foil, threshold, mode, static: b
             raise ValueError("run patching first: there is no patching result to export")
         if not static:
             return compare.block_figure(bench, mode) if which == "patching blocks" else compare.head_figure(bench, mode)
-        maps, how = compare.shown_maps(bench.result, mode)
         if which == "patching heads":
-            return figures.heatmap_mpl(maps["heads"], f"{how}: heads")
-        return figures.heatmap_mpl(maps["resid_pre"], f"{how}: resid_pre", bench.tokens)
+            values, how = compare.shown_map(bench.result, "heads", mode)
+            return figures.heatmap_mpl(values, f"heads ({how})")
+        values, how = compare.shown_map(bench.result, "resid_pre", mode)
+        return figures.heatmap_mpl(values, f"resid_pre ({how})", bench.tokens)
     raise ValueError(f"unknown figure {which!r}; accepted: {', '.join(ANALYSIS_FIGURES)}")
 
 

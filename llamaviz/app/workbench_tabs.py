@@ -57,6 +57,9 @@ def _compare_tab(c: dict) -> None:
             c["wrong"] = gr.Textbox(label="Wrong answer", placeholder=" John", elem_id="wrong-answer")
             c["patch_mode"] = gr.Radio(list(compare.MODES), value="both", label="Patching", elem_id="patch-mode",
                                        info="exact sweeps, attribution patching (one backward: fast), or both")
+            c["patch_sweeps"] = gr.CheckboxGroup(list(compare.pairs.SWEEPS), value=["resid_pre", "heads"],
+                                                 label="Exact sweeps", elem_id="patch-sweeps",
+                                                 info="the others show the attribution estimate")
         with gr.Row():
             c["patch_run"] = gr.Button("Run patching", variant="primary", elem_id="patch-run", scale=3)
             c["patch_stop"] = gr.Button("Stop", variant="stop", elem_id="patch-stop", scale=1)
@@ -121,7 +124,7 @@ def wire(state, bench, c: dict, generation) -> None:
     _click(c["example"].click, wb.load_example, [], ["prompt", "chat", "corrupt", "answer", "wrong", "status"], c)
     patch_out = ["patch_blocks", "patch_heads", "patch_summary", "patch_tokens", "status"]
     _click(c["patch_run"].click, wb.run_patching,
-           [state, bench, c["corrupt"], c["answer"], c["wrong"], c["patch_mode"]], patch_out, c)
+           [state, bench, c["corrupt"], c["answer"], c["wrong"], c["patch_mode"], c["patch_sweeps"]], patch_out, c)
     _click(c["patch_stop"].click, wb.stop_patching, [bench], ["status"], c, queue=False)
     _click(c["diff_run"].click, wb.draw_diff, [state, bench, c["diff_layer"], c["diff_head"]],
            ["diff_attention", "diff_lens", "status"], c)
