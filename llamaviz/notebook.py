@@ -373,3 +373,25 @@ def show_flow(model, tok, text: str, position: int = -1, threshold: float = 0.04
     result = _explain_run(model, tok, text)
     graph = flow.information_flow(result.cache, position, threshold)
     return figures.flow_figure(graph, result.tokens, model.config.num_hidden_layers)
+
+
+def open_patching(path: str | Path) -> dict:
+    """Reopen patching results saved by the web app (patching.json beside patching.safetensors).
+
+    Returns the JSON's fields (prompts' tokens and ids, answer ids, logit differences) plus "maps":
+    {"exact.resid_pre": tensor [L, p], "attribution.heads": tensor [L, h], ...}.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no patching file at {path}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON patching file: {err}") from None
+    weights = path.with_suffix(".safetensors")
+    if not isinstance(meta, dict) or not weights.is_file():
+        raise ValueError(f"{path} must be a JSON object saved with {weights.name} beside it")
+    tensors = load_file(str(weights))
+    return {**meta, "maps": {name: t for name, t in tensors.items() if name.startswith(("exact.", "attribution."))}}

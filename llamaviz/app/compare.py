@@ -128,6 +128,8 @@ def block_figure(bench: Workbench, mode: str):
         except ValueError:
             continue
         blocks[f"{name} ({how})"] = values
+    if not blocks:
+        raise ValueError("no block sweep ran exactly: tick resid_pre, attn_out or mlp_out, or choose attribution")
     return figures.patching_heatmap(blocks, bench.tokens, "Normalised logit difference by layer x position "
                                                           "(1 = clean, 0 = corrupted)")
 

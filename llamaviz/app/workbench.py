@@ -131,9 +131,15 @@ def run_patching(state, bench, corrupted, answer, wrong, mode, sweeps=tuple(comp
     compare.run_patching(bench, run, corrupted, answer, wrong, mode,
                          progress=lambda share, text: progress(share, desc=text), sweeps=sweeps)
     took = time.perf_counter() - started
-    return {"patch_blocks": compare.block_figure(bench, mode), "patch_heads": compare.head_figure(bench, mode),
-            "patch_summary": compare.summary(bench), "patch_tokens": compare.tokenizations(bench),
-            "status": status(f"Patched in {took:.1f} s ({mode}).", "ok")}
+    shown, missing = {}, []
+    for key, draw in (("patch_blocks", compare.block_figure), ("patch_heads", compare.head_figure)):
+        try:
+            shown[key] = draw(bench, mode)
+        except ValueError:  # exact mode without that sweep ticked
+            missing.append("the block maps" if key == "patch_blocks" else "the head map")
+    note = f"; {' and '.join(missing)} did not run (tick the sweep, or choose both)" if missing else ""
+    return {**shown, "patch_summary": compare.summary(bench), "patch_tokens": compare.tokenizations(bench),
+            "status": status(f"Patched in {took:.1f} s ({mode}){note}.", "ok")}
 
 
 def stop_patching(bench):
