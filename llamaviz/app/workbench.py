@@ -63,6 +63,19 @@ def picker_after_run(state):
     return {"explain_token": gr.update(choices=choices, value=choices[-1][1] if choices else None)}
 
 
+def clicked(text) -> str:
+    """A click relayed by assets/app.js, "what:when", without its timestamp."""
+    return str(text or "").rsplit(":", 1)[0]
+
+
+@guarded
+def pick_clicked(state, text, foil):
+    """A token clicked in the Tokens tab or an attention row: pick it and draw its logit attribution."""
+    run = current_run(state)
+    index = explain.check_index(run, clicked(text))
+    return {"explain_token": index, **draw_dla(state, index, foil)}
+
+
 @guarded
 def draw_dla(state, index, foil):
     run = current_run(state)
@@ -108,6 +121,11 @@ def flow_pick(state, index, threshold, picked):
     kind, *where = str(picked).split(":")
     chosen = {"edge": where[0]} if kind == "edge" else {"layer": where[0], "position": where[1]}
     return {"flow_detail": explain.flow_detail(run, index, threshold, chosen)}
+
+
+def flow_clicked(state, index, threshold, text):
+    """A node or edge clicked in the flow graph (relayed as "edge:3" / "node:12:4")."""
+    return flow_pick(state, index, threshold, clicked(text))
 
 
 # ---------------------------------------------------------------- compare & patch

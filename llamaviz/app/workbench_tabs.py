@@ -17,6 +17,12 @@ def picker(c: dict) -> None:
                                               "Generate); the views explain it from the position before it")
         c["foil"] = gr.Textbox(label="Against (optional)", placeholder="a second token, e.g. ' John', or #1234",
                                elem_id="dla-foil", scale=2, info="the logit attribution then explains the difference")
+    c["explain_click"] = relay("explain-click")
+
+
+def relay(elem_id: str) -> gr.Textbox:
+    """A hidden textbox that assets/app.js writes a click into (a token, a flow node or edge)."""
+    return gr.Textbox(elem_id=elem_id, elem_classes=["lv-hidden"], container=False, show_label=False)
 
 
 def tabs(c: dict) -> None:
@@ -40,6 +46,7 @@ def tabs(c: dict) -> None:
         c["flow"] = gr.Plot(label="Contribution graph (layers x positions)", elem_id="flow-graph")
         c["flow_pick"] = gr.Dropdown([], label="Pick an edge or node: what does it write?", elem_id="flow-pick")
         c["flow_detail"] = gr.HTML(elem_id="flow-detail")
+        c["flow_click"] = relay("flow-click")
     _compare_tab(c)
     _steer_tab(c)
 
@@ -115,11 +122,14 @@ def wire(state, bench, c: dict, generation) -> None:
         wb.outputs(wb.draw_dla, dla_out), dla_in, [c[k] for k in dla_out])
     _click(c["explain_token"].input, wb.draw_dla, dla_in, dla_out, c)
     _click(c["foil"].submit, wb.draw_dla, dla_in, dla_out, c)
+    _click(c["explain_click"].input, wb.pick_clicked, [state, c["explain_click"], c["foil"]],
+           ["explain_token", *dla_out], c)
     _click(c["saliency_run"].click, wb.draw_saliency, [*picked, c["saliency_method"]], ["saliency", "status"], c)
     flow_in = [*picked, c["flow_threshold"]]
     _click(c["flow_run"].click, wb.draw_flow, flow_in, ["flow", "flow_pick", "flow_detail", "status"], c)
     _click(c["flow_threshold"].release, wb.draw_flow, flow_in, ["flow", "flow_pick", "flow_detail", "status"], c)
     _click(c["flow_pick"].input, wb.flow_pick, [*flow_in, c["flow_pick"]], ["flow_detail", "status"], c)
+    _click(c["flow_click"].input, wb.flow_clicked, [*flow_in, c["flow_click"]], ["flow_detail", "status"], c)
 
     _click(c["example"].click, wb.load_example, [], ["prompt", "chat", "corrupt", "answer", "wrong", "status"], c)
     patch_out = ["patch_blocks", "patch_heads", "patch_summary", "patch_tokens", "status"]

@@ -228,3 +228,13 @@ def test_steering_output_equals_generating_with_the_library_hook(session, entry)
 def test_bad_input_is_a_message_in_the_page(session, call, message):
     shown = call(session, compare.Workbench())
     assert is_error(shown["status"]) and re.search(message, json.dumps(shown["status"]).replace("&#x27;", "'")), shown
+
+
+def test_a_clicked_token_is_picked_and_explained(session, reference):
+    shown = wb.pick_clicked(session, "3:1700000000000", "")
+    assert shown["explain_token"] == 3 and not is_error(shown["status"])
+    expected = readouts.direct_logit_attribution(reference[0], 2, int(session.run.ids[0, 3]))
+    assert_close(torch.tensor(shown["dla"].data[0].y), expected.components.double(), atol=1e-4, rtol=1e-4)
+    wb.draw_flow(session, 5, 0.05)
+    node = wb.flow_clicked(session, 5, 0.05, "node:30:4:1700000000000")["flow_detail"]
+    assert "final" in node and "promotes" in node
