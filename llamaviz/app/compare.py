@@ -195,6 +195,48 @@ def diff_figures(bench: Workbench, run: Run, layer, head):
     return attention, lens_figure
 
 
+# ---------------------------------------------------------------- one activation from the corrupted run
+
+
+def parse_positions(text, length: int) -> list[int] | None:
+    """"3, 5" -> [3, 5]; empty -> None (every position); ValueError naming the range otherwise."""
+    text = (text or "").replace(",", " ").split()
+    if not text:
+        return None
+    try:
+        positions = [int(t) for t in text]
+    except ValueError:
+        raise ValueError(f"positions must be whole numbers such as '3, 5' (0..{length - 1}); got {' '.join(text)!r}") from None
+    bad = [p for p in positions if not 0 <= p < length]
+    if bad:
+        raise ValueError(f"positions {bad} are out of range: the prompt has positions 0..{length - 1}")
+    return positions
+
+
+def patch_one(bench: Workbench, run: Run, name: str, positions_text: str) -> str:
+    """The clean run with one activation from the corrupted run: its logit difference and normalised metric."""
+    from llamaviz.interventions import patch_activation
+
+    r = bench.result
+    if r is None:
+        raise ValueError("run patching first: this patches one activation of the last patched pair")
+    model = run.entry.model
+    name = (name or "").strip()
+    if name not in model.hook_points():
+        raise ValueError(f"unknown hook point {name!r}; write a name such as 'blocks.12.hook_resid_pre' or "
+                         "'blocks.9.attn.hook_z'")
+    positions = parse_positions(positions_text, r.clean_ids.shape[1])
+    with run.entry.lock, torch.no_grad():
+        _, corrupted = model.run_with_cache(r.corrupted_ids, names_filter=[name], return_type=None)
+        with model.hooks(fwd_hooks=patch_activation(name, corrupted, positions)):
+            logits = model(r.clean_ids, return_type="logits")
+    diff = float(pairs.logit_diff(r.answer, r.wrong)(logits))
+    share = float(r.normalise(torch.tensor(diff)))
+    where = "every position" if positions is None else f"positions {positions}"
+    return (f"clean run with {name} at {where} from the corrupted run: logit difference {diff:.3f} "
+            f"(clean {r.clean_diff:.3f}, corrupted {r.corrupted_diff:.3f}; normalised {share:.3f})")
+
+
 # ---------------------------------------------------------------- export
 
 

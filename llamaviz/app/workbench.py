@@ -175,6 +175,14 @@ def draw_diff(state, bench, layer, head):
 
 
 @guarded
+def patch_one(state, bench, name, positions):
+    run = current_run(state)
+    if not isinstance(bench, compare.Workbench):
+        raise ValueError("this page lost its workbench state; reload the page")
+    return {"patch_one_result": compare.patch_one(bench, run, name, positions)}
+
+
+@guarded
 def export_patching(state, bench):
     run = current_run(state)
     paths = compare.export_result(bench, export.run_folder(run))

@@ -81,6 +81,14 @@ def _compare_tab(c: dict) -> None:
                 c["diff_run"] = gr.Button("Side by side", elem_id="diff-run")
             c["diff_attention"] = gr.Plot(label="Attention: clean, corrupted, difference", elem_id="diff-attention")
             c["diff_lens"] = gr.Plot(label="Logit lens of the logit difference", elem_id="diff-lens")
+        with gr.Accordion("Intervene: one activation from the corrupted run", open=False, elem_id="patch-one"):
+            with gr.Row():
+                c["patch_one_name"] = gr.Textbox(label="Hook point", placeholder="blocks.12.hook_resid_pre",
+                                                 elem_id="patch-one-name")
+                c["patch_one_positions"] = gr.Textbox(label="Positions (empty = all)", placeholder="9",
+                                                      elem_id="patch-one-positions")
+                c["patch_one_run"] = gr.Button("Patch", elem_id="patch-one-run")
+            c["patch_one_result"] = gr.Textbox(label="Result", interactive=False, elem_id="patch-one-result")
         with gr.Row():
             c["analysis_which"] = gr.Dropdown(list(wb.ANALYSIS_FIGURES), value="patching blocks", label="Figure",
                                               elem_id="analysis-figure")
@@ -138,6 +146,8 @@ def wire(state, bench, c: dict, generation) -> None:
     _click(c["patch_stop"].click, wb.stop_patching, [bench], ["status"], c, queue=False)
     _click(c["diff_run"].click, wb.draw_diff, [state, bench, c["diff_layer"], c["diff_head"]],
            ["diff_attention", "diff_lens", "status"], c)
+    _click(c["patch_one_run"].click, wb.patch_one, [state, bench, c["patch_one_name"], c["patch_one_positions"]],
+           ["patch_one_result", "status"], c)
     figure_in = [state, bench, c["analysis_which"]]
     options = [c["explain_token"], c["foil"], c["flow_threshold"], c["patch_mode"]]
     for fmt in ("png", "html"):

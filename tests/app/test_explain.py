@@ -238,3 +238,27 @@ def test_a_clicked_token_is_picked_and_explained(session, reference):
     wb.draw_flow(session, 5, 0.05)
     node = wb.flow_clicked(session, 5, 0.05, "node:30:4:1700000000000")["flow_detail"]
     assert "final" in node and "promotes" in node
+
+
+def test_one_activation_from_the_corrupted_run(session, entry):
+    bench = compare.Workbench()
+    compare.run_patching(bench, session.run, CORRUPTED, " Paris", " Rome", "attribution")
+    shown = wb.patch_one(session, bench, "blocks.0.hook_resid_pre", "3")
+    r = bench.result
+    # patching all of resid_pre at layer 0 from the corrupted run gives the corrupted run's logit difference
+    whole = wb.patch_one(session, bench, "blocks.0.hook_resid_pre", "")["patch_one_result"]
+    assert f"logit difference {r.corrupted_diff:.3f}" in whole
+    model, name = entry.model, "blocks.0.hook_resid_pre"
+    with entry.lock, torch.no_grad():
+        _, bad = model.run_with_cache(r.corrupted_ids, names_filter=[name])
+
+        def hook(x, hook):
+            x = x.clone()
+            x[:, 3] = bad[name][:, 3]
+            return x
+
+        with model.hooks(fwd_hooks=[(name, hook)]):
+            logits = model(r.clean_ids).logits
+    assert f"logit difference {float(logits[0, -1, r.answer] - logits[0, -1, r.wrong]):.3f}" in shown["patch_one_result"]
+    assert is_error(wb.patch_one(session, bench, "blocks.0.resid", "")["status"])
+    assert is_error(wb.patch_one(session, bench, "blocks.0.hook_resid_pre", "7")["status"])
