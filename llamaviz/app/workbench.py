@@ -32,7 +32,8 @@ def outputs(fn, keys: list[str]):
         unknown = set(result) - set(keys)
         if unknown:
             raise KeyError(f"{fn.__name__} returned {sorted(unknown)}, which are not among its outputs {keys}")
-        return tuple(result.get(key, gr.skip()) for key in keys)
+        values = tuple(result.get(key, gr.skip()) for key in keys)
+        return values[0] if len(keys) == 1 else values  # one output takes its value, not a 1-tuple
 
     return call
 

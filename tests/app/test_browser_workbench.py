@@ -5,6 +5,8 @@ saves assets/screenshot-patching.png for the README."""
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pytest
 import torch
@@ -31,18 +33,32 @@ def library(default_gguf):
     return model, tok
 
 
-def plot_data(page, plot: str, trace: int, key: str):
-    return page.evaluate("([p, i, k]) => document.querySelector(p + ' .js-plotly-plot').data[i][k]", [plot, trace, key])
+PLOT_DATA_JS = """([p, i, k]) => {
+  const plain = a => ArrayBuffer.isView(a) ? Array.from(a) : Array.isArray(a) ? a.map(plain) : a;
+  return plain(document.querySelector(p + ' .js-plotly-plot').data[i][k]);
+}"""
+
+
+def plot_data(page, plot: str, trace: int, key: str) -> np.ndarray:
+    """One array of a drawn plotly trace, as the page holds it (typed arrays made plain, base64 decoded)."""
+    value = page.evaluate(PLOT_DATA_JS, [plot, trace, key])
+    if isinstance(value, dict) and "bdata" in value:  # plotly's binary encoding of numpy arrays
+        array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        shape = [int(n) for n in shape.split(",")] if isinstance(shape, str) else shape
+        return array.reshape(shape).astype(float) if shape else array.astype(float)
+    return np.asarray(value, dtype=float)
 
 
 def generate_example(page) -> None:
-    """Load the indirect-object example and generate one token."""
+    """Load the indirect-object example (its button is on the Compare & patch tab) and generate one token."""
+    open_tab(page, "Compare & patch")
     page.click("#ioi-example")
     page.wait_for_function("p => document.querySelector('#prompt textarea').value === p", arg=IOI[0])
     assert not page.is_checked("#chat-template input")
     set_number(page, "#max-new-tokens", 1)
     page.click("#generate")
-    wait_for_status(page, "Done")
+    wait_for_status(page, "Logit attribution drawn")  # the last step after a generation
 
 
 def patch(page, mode: str, corrupted: str | None = None) -> None:
@@ -57,6 +73,7 @@ def test_indirect_object_example_end_to_end(browser, server, library):
     model, tok = library
     page = open_page(browser, server, scale=0.8)
     generate_example(page)
+    open_tab(page, "Logit attribution")
     page.wait_for_function("() => (document.querySelector('#dla-plot .gtitle') || {}).textContent"
                            "?.includes('Mary')")  # the last generated token, picked by default
     ids = tok(IOI[0] + " Mary", return_tensors="pt")["input_ids"]
@@ -81,7 +98,9 @@ def test_indirect_object_example_end_to_end(browser, server, library):
     page.locator("#patch-blocks").scroll_into_view_if_needed()
     page.wait_for_timeout(500)
     SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.locator("#tab-compare").screenshot(path=str(SCREENSHOT))
+    top, bottom = page.locator("#tab-compare").bounding_box(), page.locator("#patch-heads").bounding_box()
+    page.screenshot(path=str(SCREENSHOT), full_page=True, clip={  # the controls and both heatmaps
+        "x": top["x"], "y": top["y"], "width": top["width"], "height": bottom["y"] + bottom["height"] - top["y"]})
 
     patch(page, "exact")  # Stop ends the sweep
     page.wait_for_selector(".progress-text, .progress-level, .eta-bar", timeout=60_000)
@@ -110,7 +129,8 @@ def test_markup_in_the_corrupted_prompt_is_shown_as_text(browser, server):
     generate_example(page)
     patch(page, "attribution", "<b>bold</b> <img src=x onerror=\"window.hacked=1\">")
     text = wait_for_status(page, "same token length")
-    assert "<b>bold</b>" in text and page.locator("#status b, #status img").count() == 0
+    assert "'<" in text and "img" in text  # the tokens of the markup, shown as text
+    assert page.locator("#status b, #status img").count() == 0
     assert not page.evaluate("() => window.hacked === 1")
     page.context.close()
 
