@@ -11,12 +11,13 @@ import functools
 import time
 
 import gradio as gr
+import plotly.graph_objects as go
 
 from llamaviz.plots import analysis as figures
 from llamaviz.plots.html import save_html
 from llamaviz.plots.tokens import position_labels
 
-from . import compare, explain, export, steer
+from . import compare, explain, export, steer, views
 from .handlers import current_run, failure, status
 from .state import BrowserState
 
@@ -75,6 +76,20 @@ def pick_clicked(state, text, foil):
     run = current_run(state)
     index = explain.check_index(run, clicked(text))
     return {"explain_token": index, **draw_dla(state, index, foil)}
+
+
+@guarded
+def highlight_attention(state, index, layer, head, mean, drop_first, log_scale):
+    """The attention heatmap with the query row that predicts the picked token outlined."""
+    run = current_run(state)
+    row = explain.check_index(run, index) - 1  # the position the explanations read
+    base = views.attention_figure(run, layer, "mean" if mean else head, drop_first, log_scale)
+    figure = go.Figure(base)  # a copy: the memoised figure stays as it was
+    shown = row - (1 if drop_first else 0)
+    if shown >= 0:
+        figure.add_hrect(y0=shown - 0.5, y1=shown + 0.5, line={"color": "#f59e0b", "width": 2},
+                         fillcolor="rgba(0,0,0,0)", layer="above")
+    return {"attention": figure}
 
 
 @guarded

@@ -130,6 +130,9 @@ def wire(state, bench, c: dict, generation) -> None:
         wb.outputs(wb.draw_dla, dla_out), dla_in, [c[k] for k in dla_out])
     _click(c["explain_token"].input, wb.draw_dla, dla_in, dla_out, c)
     _click(c["foil"].submit, wb.draw_dla, dla_in, dla_out, c)
+    view = [c["layer"], c["head"], c["mean"], c["drop_first"], c["log_scale"]]
+    _click(c["explain_token"].change, wb.highlight_attention, [*picked, *view], ["attention", "status"], c,
+           queue=False, show_progress="hidden")
     _click(c["explain_click"].input, wb.pick_clicked, [state, c["explain_click"], c["foil"]],
            ["explain_token", *dla_out], c)
     _click(c["saliency_run"].click, wb.draw_saliency, [*picked, c["saliency_method"]], ["saliency", "status"], c)

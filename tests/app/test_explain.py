@@ -14,7 +14,7 @@ import torch
 from torch.testing import assert_close
 
 from llamaviz import attribution, flow, patching, readouts
-from llamaviz.app import compare, handlers, models, state as app_state, workbench as wb
+from llamaviz.app import compare, handlers, models, state as app_state, views, workbench as wb
 from llamaviz.generation import generate
 from llamaviz.interventions import steer
 from llamaviz.notebook import open_patching
@@ -262,3 +262,10 @@ def test_one_activation_from_the_corrupted_run(session, entry):
     assert f"logit difference {float(logits[0, -1, r.answer] - logits[0, -1, r.wrong]):.3f}" in shown["patch_one_result"]
     assert is_error(wb.patch_one(session, bench, "blocks.0.resid", "")["status"])
     assert is_error(wb.patch_one(session, bench, "blocks.0.hook_resid_pre", "7")["status"])
+
+
+def test_the_attention_tab_outlines_the_row_that_predicts_the_picked_token(session):
+    shown = wb.highlight_attention(session, 5, 0, 0, False, False, False)["attention"]
+    (shape,) = shown.layout.shapes
+    assert (shape.y0, shape.y1) == (3.5, 4.5)  # token 5 is predicted at query position 4
+    assert views.attention_figure(session.run, 0, 0).layout.shapes == ()  # the memoised figure is left alone
