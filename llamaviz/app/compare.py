@@ -44,6 +44,7 @@ class Workbench:
         self.stop = threading.Event()
         self.running = False
         self.caches: dict = {}  # "clean" / "corrupted" -> ActivationCache for the diff view
+        self.explained_run: int | None = None  # run_id of the run the picker and logit attribution show
 
     def __deepcopy__(self, memo) -> "Workbench":
         return Workbench()  # gr.State copies its initial value per session: start empty

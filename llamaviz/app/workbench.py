@@ -56,13 +56,22 @@ def guarded(fn):
 # ---------------------------------------------------------------- the token to explain
 
 
-def picker_after_run(state):
-    """After a generation: the picker lists the run's tokens, the last generated one picked."""
-    if not isinstance(state, BrowserState) or state.run is None:
+def after_run(state, bench, foil):
+    """After a generation that made a new run: the picker lists its tokens (the last generated one picked) and
+    the logit attribution of that token is drawn. Leaves the status line alone (it reports the generation)."""
+    if not isinstance(state, BrowserState) or state.run is None or not isinstance(bench, compare.Workbench):
         return {}
     run = state.run
+    if bench.explained_run == run.run_id:  # the generation failed or was refused: nothing new to explain
+        return {}
+    bench.explained_run = run.run_id
     choices = explain.token_choices(run)
-    return {"explain_token": gr.update(choices=choices, value=choices[-1][1] if choices else None)}
+    index = choices[-1][1] if choices else None
+    shown = {"explain_token": gr.update(choices=choices, value=index)}
+    try:
+        return {**shown, "dla": explain.dla_figure(run, index, None if foil is None else foil)}
+    except Exception as err:
+        return {**shown, "status": failure(err)}
 
 
 def clicked(text) -> str:

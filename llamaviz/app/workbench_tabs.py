@@ -126,8 +126,7 @@ def wire(state, bench, c: dict, generation) -> None:
     """Connect the workbench's events; `generation` is the Generate event the picker and DLA follow."""
     picked = [state, c["explain_token"]]
     dla_in, dla_out = [*picked, c["foil"]], ["dla", "status"]
-    generation.then(wb.outputs(wb.picker_after_run, ["explain_token"]), [state], [c["explain_token"]]).then(
-        wb.outputs(wb.draw_dla, dla_out), dla_in, [c[k] for k in dla_out])
+    _click(generation.then, wb.after_run, [state, bench, c["foil"]], ["explain_token", *dla_out], c)
     _click(c["explain_token"].input, wb.draw_dla, dla_in, dla_out, c)
     _click(c["foil"].submit, wb.draw_dla, dla_in, dla_out, c)
     view = [c["layer"], c["head"], c["mean"], c["drop_first"], c["log_scale"]]

@@ -58,7 +58,9 @@ def generate_example(page) -> None:
     assert not page.is_checked("#chat-template input")
     set_number(page, "#max-new-tokens", 1)
     page.click("#generate")
-    wait_for_status(page, "Logit attribution drawn")  # the last step after a generation
+    wait_for_status(page, "Done")
+    open_tab(page, "Logit attribution")  # drawn after each generation: wait for it before the next step
+    page.wait_for_function("() => (document.querySelector('#dla-plot .gtitle') || {}).textContent?.includes('Mary')")
 
 
 def patch(page, mode: str, corrupted: str | None = None) -> None:

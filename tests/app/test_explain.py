@@ -56,10 +56,17 @@ def reference(session, entry):
     return cache, logits
 
 
-def test_picker_lists_every_token_but_the_first_and_picks_the_last(session):
-    update = wb.picker_after_run(session)["explain_token"]
+def test_after_a_generation_the_picker_lists_the_tokens_and_the_last_one_is_explained(session, reference):
+    bench = compare.Workbench()
+    shown = wb.after_run(session, bench, "")
+    update = shown["explain_token"]
     assert [index for _, index in update["choices"]] == list(range(1, len(session.run.tokens)))
-    assert update["value"] == len(session.run.tokens) - 1 and "(generated)" in update["choices"][-1][0]
+    last = len(session.run.tokens) - 1
+    assert update["value"] == last and "(generated)" in update["choices"][-1][0]
+    expected = readouts.direct_logit_attribution(reference[0], last - 1, int(session.run.ids[0, last]))
+    assert_close(torch.tensor(shown["dla"].data[0].y), expected.components.double(), atol=1e-4, rtol=1e-4)
+    assert "status" not in shown  # the status line keeps the generation's report
+    assert wb.after_run(session, bench, "") == {}  # a failed generation leaves the same run: nothing redrawn
 
 
 def test_logit_attribution_shows_the_library_numbers_and_adds_up_to_the_logit(session, entry, reference):
