@@ -100,9 +100,12 @@ def test_indirect_object_example_end_to_end(browser, server, library):
     page.locator("#patch-blocks").scroll_into_view_if_needed()
     page.wait_for_timeout(500)
     SCREENSHOT.parent.mkdir(exist_ok=True)
-    top, bottom = page.locator("#tab-compare").bounding_box(), page.locator("#patch-heads").bounding_box()
-    page.screenshot(path=str(SCREENSHOT), full_page=True, clip={  # the controls and both heatmaps
-        "x": top["x"], "y": top["y"], "width": top["width"], "height": bottom["y"] + bottom["height"] - top["y"]})
+    box = page.evaluate("""() => {  // the tab's controls and both heatmaps, in page coordinates
+      const top = document.querySelector('#tab-compare').getBoundingClientRect();
+      const bottom = document.querySelector('#patch-heads').getBoundingClientRect();
+      return {x: top.left, y: top.top + window.scrollY, width: top.width, height: bottom.bottom - top.top};
+    }""")
+    page.screenshot(path=str(SCREENSHOT), full_page=True, clip=box)
 
     patch(page, "exact")  # Stop ends the sweep
     page.wait_for_selector(".progress-text, .progress-level, .eta-bar", timeout=60_000)
