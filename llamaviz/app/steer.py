@@ -63,6 +63,7 @@ def steering_vector(run: Run, source: str, layer: int, plus: str, minus: str, he
         if len(heads) != 1:
             raise ValueError(f"pick one head for the steering vector (e.g. '3.1'); got {len(heads)}")
         head_layer, head = heads[0]
+        run.entry.config.check_layer(head_layer)
         run.entry.config.check_head(head)
         cache = explain.analysis_cache(run)
         position = explain.check_index(run, index) - 1

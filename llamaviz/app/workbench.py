@@ -69,7 +69,7 @@ def after_run(state, bench, foil):
     index = choices[-1][1] if choices else None
     shown = {"explain_token": gr.update(choices=choices, value=index)}
     try:
-        return {**shown, "dla": explain.dla_figure(run, index, None if foil is None else foil)}
+        return {**shown, "dla": explain.dla_figure(run, index, foil)}
     except Exception as err:
         return {**shown, "status": failure(err)}
 

@@ -229,6 +229,7 @@ def test_steering_output_equals_generating_with_the_library_hook(session, entry)
     (lambda s, b: wb.run_patching(s, b, "  ", " Paris", " Rome", "both", progress=quiet), "corrupted prompt is empty"),
     (lambda s, b: wb.run_steer(s, "contrast prompts", 99, 1, "a", "b", "", None), "layer must be a whole number in 0..29"),
     (lambda s, b: wb.run_steer(s, "contrast prompts", 3, "inf", "a", "b", "", None), "finite number"),
+    (lambda s, b: wb.run_steer(s, "head output", 3, 1, "", "", "99.1", None), "layer 99"),
     (lambda s, b: wb.draw_dla(app_state.BrowserState(), None, None), "Generate first"),
     (lambda s, b: wb.draw_dla(s, 0, None), "cannot be explained"),
 ])
