@@ -277,3 +277,13 @@ def test_the_attention_tab_outlines_the_row_that_predicts_the_picked_token(sessi
     (shape,) = shown.layout.shapes
     assert (shape.y0, shape.y1) == (3.5, 4.5)  # token 5 is predicted at query position 4
     assert views.attention_figure(session.run, 0, 0).layout.shapes == ()  # the memoised figure is left alone
+
+
+def test_a_head_output_steering_vector_is_that_head_through_its_slice_of_o_proj(session, entry, reference):
+    from llamaviz.app import steer as app_steer
+
+    vector = app_steer.steering_vector(session.run, "head output", 6, "", "", "3.1", 5)
+    z = reference[0]["blocks.3.attn.hook_z"][0, 4, 1]  # [d]: head 1 at the position predicting token 5
+    d = z.shape[-1]
+    w_o = entry.model.model.layers[3].self_attn.o_proj.weight[:, d:2 * d]  # [m, d]
+    assert_close(vector, (w_o @ z).float(), atol=1e-4, rtol=1e-4)
