@@ -180,3 +180,33 @@ def test_contrast_vector_is_the_resid_pre_difference(tiny):
     for bad in ("x", float("inf"), None):
         with pytest.raises(ValueError, match="steering coefficient"):
             pairs.check_coefficient(bad)
+
+
+# ---------------------------------------------------------------- the notebook's one-call explanations
+
+
+@pytest.fixture(scope="module")
+def default(default_gguf):
+    import llamaviz
+
+    return llamaviz.load(default_gguf)
+
+
+def test_notebook_explanations_show_the_library_numbers(default):
+    from llamaviz import notebook
+
+    model, tok = default
+    text, paris, rome = "The capital of France is", model.to_single_token(" Paris"), model.to_single_token(" Rome")
+    figure = notebook.show_dla(model, tok, text, token=" Paris", foil=" Rome")
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(ids, names_filter=readouts.explain_filter)
+    expected = readouts.direct_logit_attribution(cache, -1, paris, rome)
+    assert_close(torch.tensor(figure.data[0].y), expected.components.double(), atol=1e-4, rtol=1e-4)
+    assert sum(figure.data[0].y) == pytest.approx(float(logits[0, -1, paris] - logits[0, -1, rome]), abs=1e-3)
+    views = notebook.show_patching(model, tok, text, "The capital of Italy is", " Paris", " Rome", mode="attribution")
+    assert_close(torch.tensor(np.asarray(views["heads"].data[0].z)), views["result"].attribution["heads"].double())
+    graph = notebook.show_flow(model, tok, text, threshold=0.1)
+    assert graph.data[-1].name == "nodes" and len(graph.data[-1].x) >= 1
+    with pytest.raises(ValueError, match="not one"):
+        notebook.show_dla(model, tok, text, token=" Parisian")
