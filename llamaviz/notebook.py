@@ -23,9 +23,10 @@ import plotly.io as pio
 import torch
 from plotly.io.base_renderers import NotebookRenderer
 
-from . import plots
+from . import plots, readouts
 from .plots import pooling
 from .plots.checks import check_name, check_positive
+from .plots.html import save_html  # noqa: F401  (re-exported: notebook.save_html)
 from .plots.panels import Head
 
 _offline_ready = False
@@ -111,14 +112,10 @@ def _head(model, head: Head) -> Head:
 
 def _resid_names(model) -> list[str]:
     """The hook points accumulated_resid stacks: every resid_pre and the last resid_post."""
-    layers = model.config.num_hidden_layers
-    return [f"blocks.{i}.hook_resid_pre" for i in range(layers)] + [
-        f"blocks.{layers - 1}.hook_resid_post"]
+    return readouts.resid_names(model.config.num_hidden_layers)
 
 
-def _lens_labels(layers: int) -> list[str]:
-    """Row labels of an accumulated residual stack [layers+1, ...]: "embed", then "L0".."L{n-1}"."""
-    return ["embed"] + [f"L{i}" for i in range(layers)]
+_lens_labels = readouts.lens_labels
 
 
 # ---------------------------------------------------------------- tables behind the figures
@@ -126,9 +123,7 @@ def _lens_labels(layers: int) -> list[str]:
 
 def logit_lens_table(tok, cache) -> tuple[torch.Tensor, list[list[str]]]:
     """Top-token probability [layers+1, p] and top token strings [layers+1][p] of each layer."""
-    lens = cache.logit_lens(top_k=1)
-    probs = lens["top_probs"][:, 0, :, 0].float().cpu()                     # [layers+1, p]
-    ids = lens["top_ids"][:, 0, :, 0].cpu()                                  # [layers+1, p]
+    probs, ids = readouts.logit_lens_table(cache)
     return probs, [tok.display_tokens(row.tolist()) for row in ids]
 
 
@@ -136,19 +131,15 @@ def token_logprob_table(tok, input_ids: torch.Tensor, logits: torch.Tensor, top_
                         ) -> tuple[torch.Tensor, list[list[tuple[str, float]]]]:
     """Log-prob of each token given the ones before [p] (NaN first) and the top_k predictions."""
     top_k = check_positive(top_k, "top_k")
-    logprobs = torch.log_softmax(logits[0].float().cpu(), dim=-1)           # [p, v]
-    ids = input_ids[0].cpu()                                                 # [p]
-    chosen = logprobs[:-1].gather(-1, ids[1:, None])[:, 0]                   # [p-1]
-    values = torch.cat([torch.tensor([float("nan")]), chosen])              # [p]
-    top_probs, top_ids = logprobs[:-1].exp().topk(top_k, dim=-1)             # [p-1, top_k]
-    alternatives = [[]] + [list(zip(tok.display_tokens(row_ids.tolist()), row_probs.tolist()))
-                           for row_ids, row_probs in zip(top_ids, top_probs)]
-    return values, alternatives
+    table = readouts.token_logprobs([logits[0, :-1]], input_ids[0], top_k)
+    alternatives = [[]] + [list(zip(tok.display_tokens(ids), probs))
+                           for ids, probs in zip(table.top_ids.tolist(), table.top_probs.tolist())]
+    return table.chosen, alternatives
 
 
 def resid_norm_table(cache) -> torch.Tensor:
     """L2 norm of the residual stream [layers+1, p] (first batch row)."""
-    return cache.accumulated_resid()[:, 0].float().norm(dim=-1).cpu()
+    return readouts.resid_norms(cache)
 
 
 # ---------------------------------------------------------------- one-call helpers
@@ -251,19 +242,6 @@ def show_resid_norms(model, tok, text: str,
     result = run(model, tok, text, _resid_names(model))
     return plots.resid_norms(resid_norm_table(result.cache), result.tokens,
                              _lens_labels(model.config.num_hidden_layers), kind=kind)
-
-
-# ---------------------------------------------------------------- files
-
-
-def save_html(fig: go.Figure, path: str | Path) -> Path:
-    """Write `fig` as a standalone HTML page with plotly.js inlined (opens offline, no CDN)."""
-    if not isinstance(fig, go.Figure):
-        hint = "; save a matplotlib figure with fig.savefig(path)" if hasattr(fig, "savefig") else ""
-        raise ValueError(f"fig must be a plotly Figure; got {type(fig).__name__}{hint}")
-    path = Path(path)
-    pio.write_html(fig, path, include_plotlyjs=True, include_mathjax=False, full_html=True)
-    return path
 
 
 # ---------------------------------------------------------------- views saved by the web app
@@ -391,3 +369,116 @@ def _view_figures(model, tok, result: Run, layer: int, head: Head, settings: dic
         "tokens": plots.token_logprobs(result.tokens, logprobs, alternatives),
         "resid_norms": plots.resid_norms(resid_norm_table(result.cache), result.tokens, labels),
     }
+
+
+# ---------------------------------------------------------------- explanations (the app's workbench tabs)
+
+
+def _explain_run(model, tok, text: str) -> Run:
+    """`text` run with every hook point the logit attribution and the information flow read."""
+    ids, tokens = encode(tok, text)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(ids.to(model.device), names_filter=readouts.explain_filter)
+    return Run(ids, tokens, logits, cache)
+
+
+def _token_id(model, token, what: str) -> int:
+    """A token given as an id or as text that is exactly one token."""
+    if isinstance(token, str):
+        return model.to_single_token(token)
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < model.config.vocab_size:
+        raise ValueError(f"{what} must be one-token text or an id in 0..{model.config.vocab_size - 1}; got {token!r}")
+    return token
+
+
+def show_dla(model, tok, text: str, token=None, foil=None, position: int = -1) -> go.Figure:
+    """Direct logit attribution of `token` (default: the model's top next token) at `position`, minus `foil`'s."""
+    from .plots import analysis as figures
+
+    enable_offline()
+    result = _explain_run(model, tok, text)
+    p = result.input_ids.shape[1]
+    if isinstance(position, bool) or not isinstance(position, int) or not -p <= position < p:
+        raise ValueError(f"position {position!r} is out of range for {p} tokens; accepted: {-p}..{p - 1}")
+    token = int(result.logits[0, position].argmax()) if token is None else _token_id(model, token, "token")
+    foil = None if foil is None else _token_id(model, foil, "foil")
+    dla = readouts.direct_logit_attribution(result.cache, position, token, foil)
+    shown = tok.display_tokens([token]) + ([] if foil is None else tok.display_tokens([foil]))
+    title = f"Direct logit attribution of {' − '.join(shown)} at position {dla.position} (total {dla.total:.3f})"
+    return figures.dla_figure(dla.labels, dla.components, dla.heads, dla.accumulated, dla.accumulated_labels, title)
+
+
+def show_patching(model, tok, clean: str, corrupted: str, answer, wrong, mode: str = "both") -> dict:
+    """Patch a clean/corrupted pair: {"blocks": figure, "heads": figure, "result": llamaviz.pairs.PatchingResult}.
+
+    mode "exact", "attribution" (one backward, fast) or "both"; maps are the normalised logit difference.
+    """
+    from . import pairs
+    from .plots import analysis as figures
+
+    check_name(mode, "mode", ["exact", "attribution", "both"])
+    enable_offline()
+    clean_ids, tokens = encode(tok, clean)
+    corrupted_ids, _ = encode(tok, corrupted)
+    result = pairs.patch_pair(model, clean_ids.to(model.device), corrupted_ids.to(model.device),
+                              _token_id(model, answer, "answer"), _token_id(model, wrong, "wrong"),
+                              exact=mode != "attribution", attribution=mode != "exact", progress=None)
+    maps, how = (result.exact, "exact") if result.exact else (result.attribution, "attribution (estimate)")
+    blocks = {name: maps[name] for name in pairs.BLOCKS}
+    return {"blocks": figures.patching_heatmap(blocks, tokens, f"Normalised logit difference, {how}"),
+            "heads": figures.head_heatmap(maps["heads"], f"Normalised logit difference per head, {how}"),
+            "result": result}
+
+
+def show_saliency(model, tok, text: str, target=None, method: str = "integrated_gradients", steps: int = 32):
+    """The text's tokens coloured by their attribution to the next token `target` (default: the top one); HTML."""
+    from . import attribution
+    from .plots import analysis as figures
+
+    check_name(method, "method", list(attribution.METHODS))
+    ids, tokens = encode(tok, text)
+    target = None if target is None else _token_id(model, target, "target")
+    extra = {"steps": steps} if method == "integrated_gradients" else {}
+    result = attribution.METHODS[method](model, ids.to(model.device), target=target, **extra)
+    if target is None:
+        with torch.no_grad():
+            target = int(model(ids.to(model.device)).logits[0, -1].argmax())
+    page = figures.saliency_html(tokens, result.scores[0], method, tok.display_tokens([target])[0])
+    try:
+        from IPython.display import HTML
+    except ImportError:
+        return page
+    return HTML(page)
+
+
+def show_flow(model, tok, text: str, position: int = -1, threshold: float = 0.04) -> go.Figure:
+    """The information-flow graph into `position` (edges with a share >= threshold)."""
+    from . import flow
+    from .plots import analysis as figures
+
+    enable_offline()
+    result = _explain_run(model, tok, text)
+    graph = flow.information_flow(result.cache, position, threshold)
+    return figures.flow_figure(graph, result.tokens, model.config.num_hidden_layers)
+
+
+def open_patching(path: str | Path) -> dict:
+    """Reopen patching results saved by the web app (patching.json beside patching.safetensors).
+
+    Returns the JSON's fields (prompts' tokens and ids, answer ids, logit differences) plus "maps":
+    {"exact.resid_pre": tensor [L, p], "attribution.heads": tensor [L, h], ...}.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no patching file at {path}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON patching file: {err}") from None
+    weights = path.with_suffix(".safetensors")
+    if not isinstance(meta, dict) or not weights.is_file():
+        raise ValueError(f"{path} must be a JSON object saved with {weights.name} beside it")
+    tensors = load_file(str(weights))
+    return {**meta, "maps": {name: t for name, t in tensors.items() if name.startswith(("exact.", "attribution."))}}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import export, handlers, long_views, views
+from . import export, handlers, long_views, views, workbench_tabs
+from .compare import Workbench
 from .models import list_checkpoints, peek_config
 from .state import MAX_NEW_TOKENS, SESSION_TTL_S, BrowserState, release_state
 
@@ -82,6 +83,8 @@ def build(model_path: str | None = None) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\n{HELP}", elem_id="intro")
         c = _controls(choices)
         c["status"] = gr.HTML(handlers.status("Loading the model…"), elem_id="status")
+        bench = gr.State(Workbench())  # this page's patching results and Stop flag
+        workbench_tabs.picker(c)
         with gr.Tabs(elem_id="tabs") as c["tabs"]:
             _attention_tab(c, *shape)
             _mask_tab(c)
@@ -89,8 +92,10 @@ def build(model_path: str | None = None) -> gr.Blocks:
             _tokens_tab(c)
             _activations_tab(c)
             _intervene_tab(c)
+            workbench_tabs.tabs(c)
             _export_tab(c)
-        _wire(demo, state, c)
+        generation = _wire(demo, state, c)
+        workbench_tabs.wire(state, bench, c, generation)
     demo.llamaviz_model_path = choices[0][1] if choices else None
     return demo
 
@@ -236,8 +241,8 @@ def _export_tab(c: dict) -> None:
         c["file"] = gr.File(label="Download", elem_id="export-file", interactive=False)
 
 
-def _wire(demo: gr.Blocks, state, c: dict) -> None:
-    """Connect events to handlers."""
+def _wire(demo: gr.Blocks, state, c: dict):
+    """Connect events to handlers; returns the Generate event (the workbench follows it)."""
     view = [c["layer"], c["head"], c["mean"], c["drop_first"], c["log_scale"]]
     attention_out = [c["attention"], c["picker"], c["status"]]
     layer_out = [c["grid"], c["picker"], c["ablate_boxes"], c["status"]]
@@ -287,3 +292,4 @@ def _wire(demo: gr.Blocks, state, c: dict) -> None:
     c["html"].click(handlers.export_html, [state, c["figure_name"], *options], [c["file"], c["status"]])
     c["save_cache"].click(handlers.export_cache, [state], [c["file"], c["status"]])
     c["save_view"].click(handlers.export_view, [state, *options], [c["file"], c["status"]])
+    return generation

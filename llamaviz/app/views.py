@@ -5,7 +5,7 @@ llamaviz.terminal. Results are memoised on the run, so moving a slider back is i
 bytes count in the live-runs budget. Figures are made small for the page (payload.py).
 
 Nothing here takes the model's lock: the logit lens and the token log-probs read the final norm's
-weight and lm_head directly (`readout`), which no hook of another request touches, so browsing a
+weight and lm_head directly (`readouts.readout`), which no hook of another request touches, so browsing a
 finished run never waits for somebody's generation.
 """
 
@@ -18,10 +18,10 @@ from collections.abc import Callable
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
-from llamaviz import analysis, plots
+from llamaviz import analysis, plots, readouts
+from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.llama.masks import build_mask
 from llamaviz.plots.tokens import display_token
 from llamaviz.terminal import render_html
@@ -200,9 +200,7 @@ def mask_html(run: Run) -> str:
 # ---------------------------------------------------------------- logit lens tab
 
 
-def lens_labels(layers: int) -> list[str]:
-    """Rows of the accumulated residual stream: the embeddings, then after each layer."""
-    return ["embed"] + [f"L{i}" for i in range(layers)]
+lens_labels = readouts.lens_labels  # rows of the accumulated residual stream: embed, then after each layer
 
 
 def lens_window(run: Run, start) -> tuple[int, int]:
@@ -221,10 +219,9 @@ def lens_table(run: Run, start=None) -> tuple[torch.Tensor, list[list[str]], lis
 
     def compute():
         cache, layers = run.activations(), num_layers(run)
-        names = [f"blocks.{i}.hook_resid_pre" for i in range(layers)] + [f"blocks.{layers - 1}.hook_resid_post"]
-        resid = torch.stack([cache[n][0, start:end] for n in names])  # [layers+1, p, m]
-        with torch.no_grad():
-            probs, top_ids = readout(run.entry.model, resid).softmax(dim=-1).max(dim=-1)  # [layers+1, p] each
+        window = ActivationCache({n: cache[n][:, start:end] for n in readouts.resid_names(layers)},
+                                 model=run.entry.model)
+        probs, top_ids = readouts.logit_lens_table(window)  # [layers+1, p] each; no model lock
         top_tokens = [run.entry.tokenizer.convert_ids_to_tokens(row.tolist()) for row in top_ids]
         return probs, top_tokens, run.cached_tokens[start:end], lens_labels(layers)
 
@@ -251,18 +248,6 @@ def logit_lens_figure(run: Run, start=None) -> go.Figure:
     return memo(run, ("lens", start), lambda: plots.logit_lens(*lens_table(run, start)))
 
 
-def readout(model, resid: torch.Tensor) -> torch.Tensor:
-    """Final norm + lm_head on residual streams [..., m] -> float32 logits [..., v], without the norm's hook point.
-
-    The same arithmetic as LlamaRMSNorm then lm_head; only weights are read, so it runs while another
-    request's hooks sit on the shared model (lm_head has no hook point).
-    """
-    norm = model.model.norm
-    x = resid.to(model.device, model.dtype)
-    normalized = F.rms_norm(x.float(), x.shape[-1:], eps=norm.eps).to(x.dtype)  # [..., m]
-    return model.lm_head(norm.weight * normalized).float()  # [..., v]
-
-
 # ---------------------------------------------------------------- tokens tab
 
 
@@ -273,20 +258,12 @@ def token_logprobs(run: Run, top: int = 5) -> tuple[torch.Tensor, list[list[tupl
     time: exact, and no [T, vocab] logits tensor is ever kept.
     """
     def compute():
-        cache, model = run.activations(), run.entry.model
-        final = cache[f"blocks.{num_layers(run) - 1}.hook_resid_post"][0]  # [T-1, m]
-        targets = run.ids[0, 1:]  # [T-1]: the token each position predicts
-        chosen, alternatives = [], []
-        with torch.no_grad():
-            for begin in range(0, final.shape[0], LOGIT_CHUNK):
-                logprobs = torch.log_softmax(readout(model, final[begin:begin + LOGIT_CHUNK]), dim=-1)  # [c, v]
-                picked = targets[begin:begin + LOGIT_CHUNK].to(logprobs.device)
-                chosen.append(logprobs.gather(-1, picked[:, None])[:, 0].cpu())
-                values, ids = logprobs.topk(top, dim=-1)
-                for row_ids, row_values in zip(ids.tolist(), values.exp().tolist()):
-                    pieces = run.entry.tokenizer.convert_ids_to_tokens(row_ids)
-                    alternatives.append(list(zip(pieces, row_values)))
-        return torch.cat([torch.tensor([math.nan]), *chosen]), [[]] + alternatives
+        final = run.activations()[f"blocks.{num_layers(run) - 1}.hook_resid_post"][0]  # [T-1, m]
+        table = readouts.token_logprobs(readouts.final_logits(run.entry.model, final, LOGIT_CHUNK), run.ids[0], top)
+        convert = run.entry.tokenizer.convert_ids_to_tokens
+        alternatives = [list(zip(convert(ids), probs)) for ids, probs in zip(table.top_ids.tolist(),
+                                                                            table.top_probs.tolist())]
+        return table.chosen, [[]] + alternatives
 
     return memo(run, ("logprobs", top), compute)
 
@@ -321,8 +298,8 @@ def tokens_table(run: Run) -> pd.DataFrame:
 def resid_norm_table(run: Run) -> tuple[torch.Tensor, list[str], list[str]]:
     """(L2 norm of the residual stream [layers+1, p], tokens [p], row labels)."""
     def compute():
-        norms = run.activations().accumulated_resid()[:, 0].float().norm(dim=-1)  # [layers+1, p]
-        return norms, run.cached_tokens, ["embed"] + [f"after L{i}" for i in range(num_layers(run))]
+        norms = readouts.resid_norms(run.activations())  # [layers+1, p]
+        return norms, run.cached_tokens, readouts.norm_labels(num_layers(run))
 
     return memo(run, ("resid-norms-table",), compute)
 

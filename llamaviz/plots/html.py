@@ -1,11 +1,15 @@
-"""Tokens coloured by log-probability as an HTML fragment, for embedding in a page."""
+"""Tokens coloured by log-probability as an HTML fragment, for embedding in a page; figures saved as
+standalone HTML pages."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.colors import sample_colorscale, unlabel_rgb
 
 from . import panels
@@ -52,3 +56,13 @@ def tokens_html(tokens: Sequence[str], logprobs: Tensor, alternatives: Alternati
               f"colour: log-probability from {zmin:.1f} (red) to {zmax:.0f} (green); "
               f"hover a token for the top predictions</div>")
     return f'<div class="llamaviz-tokens" style="line-height:1.9">{"".join(spans)}</div>{legend}'
+
+
+def save_html(fig: go.Figure, path: str | Path) -> Path:
+    """Write `fig` as a standalone HTML page with plotly.js inlined (opens offline, no CDN)."""
+    if not isinstance(fig, go.Figure):
+        hint = "; save a matplotlib figure with fig.savefig(path)" if hasattr(fig, "savefig") else ""
+        raise ValueError(f"fig must be a plotly Figure; got {type(fig).__name__}{hint}")
+    path = Path(path)
+    pio.write_html(fig, path, include_plotlyjs=True, include_mathjax=False, full_html=True)
+    return path
