@@ -10,12 +10,13 @@ selection of cells (its full sweep takes one forward per cell, about 20 minutes 
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
+
+from notebooks import execute
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "examples" / "exploratory_analysis.ipynb"
@@ -33,25 +34,8 @@ _json.dump({{"llamaviz": _llamaviz.__file__, "prompts": prompts, "tokens": token
 
 @pytest.fixture(scope="module")
 def notebook_numbers(default_gguf, tmp_path_factory):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        KernelSpecManager().get_kernel_spec("python3")
-    except NoSuchKernel:
-        pytest.skip("no python3 Jupyter kernel")
-    book = nbformat.read(NOTEBOOK, as_version=4)
-    assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code")
     folder = tmp_path_factory.mktemp("exploratory")
-    book.cells.append(nbformat.v4.new_code_cell(DUMP.format(path=str(folder / "numbers.json"))))
-    client = nbclient.NotebookClient(book, kernel_name="python3", timeout=900,
-                                     resources={"metadata": {"path": str(ROOT)}})
-    # the kernel imports this checkout's llamaviz, whatever the interpreter has installed
-    client.execute(env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
-    outputs = [out for cell in book.cells if cell.cell_type == "code" for out in cell.outputs]
-    assert not [out for out in outputs if out.output_type == "error"]
+    execute(NOTEBOOK, ROOT, extra_cells=(DUMP.format(path=str(folder / "numbers.json")),))
     numbers = json.loads((folder / "numbers.json").read_text())
     assert Path(numbers["llamaviz"]).resolve().is_relative_to(ROOT)
     return numbers

@@ -14,6 +14,7 @@ from plotly.offline import get_plotlyjs
 
 from llamaviz import LlamaConfig, notebook, plots
 from llamaviz.plots.tokens import escape_html
+from notebooks import execute
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 PROMPT = "The cat sat on the mat. The cat sat on the"
@@ -216,23 +217,7 @@ def test_open_view_reruns_the_exact_token_ids_the_app_stored(model_and_tok, tmp_
 
 @pytest.mark.slow
 def test_quickstart_executes(default_gguf, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        KernelSpecManager().get_kernel_spec("python3")
-    except NoSuchKernel:
-        pytest.skip("no python3 Jupyter kernel")
-    book = nbformat.read(QUICKSTART, as_version=4)
-    assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code")
-    # "python" in the kernel spec is replaced by this interpreter, so the .venv runs the kernel
-    client = nbclient.NotebookClient(book, kernel_name="python3", timeout=600,
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
-    outputs = [out for cell in book.cells if cell.cell_type == "code" for out in cell.outputs]
-    assert not [out for out in outputs if out.output_type == "error"]
+    _, outputs = execute(QUICKSTART, tmp_path, timeout=600)
     html = [out.data.get("text/html", "") for out in outputs if "data" in out]
     assert sum(get_plotlyjs() in page for page in html) == 1            # inlined once
     assert not any("cdn.plot.ly" in page.replace(get_plotlyjs(), "") for page in html)
