@@ -17,7 +17,7 @@ import plotly.io as pio
 
 from llamaviz import plots
 
-from . import files, views
+from . import files, long_views, views
 from .state import Run
 
 FIGURES = ("attention", "head grid", "head overview", "logit lens", "tokens", "residual norms")
@@ -45,6 +45,9 @@ def figure(run: Run, which: str, options: ViewOptions, static: bool):
     """The named figure of this run: plotly, or its matplotlib twin when `static`."""
     layer, head = views.check_layer_head(run, options.layer, options.head)
     style = {"drop_first": options.drop_first, "log_scale": options.log_scale}
+    if static and which in ("attention", "head grid") and long_views.is_long(run):
+        raise ValueError(f"a PNG of the {which} of {len(run.cached_tokens)} tokens would hold the whole "
+                         "[heads, T, T] pattern; export it as HTML (the pooled figure), or zoom and export that")
     if which == "attention":
         if not static:
             return views.attention_figure(run, layer, head, **style)

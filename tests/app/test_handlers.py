@@ -593,3 +593,13 @@ def test_long_texts_pool_zoom_and_shade_the_text_with_exact_values(long_session)
     assert is_error(status) and f"outside the {n} positions" in status
     _, status = handlers.draw_text(state, 7, 3, False, n, "attends to")
     assert is_error(status) and f"0..{n - 1}" in status
+
+
+def test_long_texts_export_html_but_refuse_a_full_pattern_png(long_session):
+    state, _ = long_session
+    options = (7, 3, False, False, False, "entropy", None)
+    png, message = handlers.export_png(state, "attention", *options)
+    assert not isinstance(png, str)  # nothing written
+    assert is_error(message) and "whole [heads, T, T] pattern" in message and "HTML" in message
+    html, message = handlers.export_html(state, "attention", *options)
+    assert not is_error(message) and Path(html).read_text().count("max over") >= 1
