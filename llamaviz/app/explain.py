@@ -18,7 +18,7 @@ from llamaviz.plots import analysis as figures
 from llamaviz.plots.tokens import display_token, position_labels
 
 from . import views
-from .state import Run
+from .state import LIVE_RUNS, Run
 
 IG_STEPS = 32  # integrated-gradients points in the app (the latency target is set for 32)
 METHODS = {"integrated gradients": "integrated_gradients", "input x gradient": "input_x_gradient",
@@ -78,14 +78,17 @@ def analysis_cache(run: Run) -> ActivationCache:
     def compute() -> ActivationCache:
         cache, model = run.activations(), run.entry.model
         names = [n for n in model.hook_points() if readouts.explain_filter(n) and n not in cache]
-        tensors = dict(cache.items())
+        tensors = dict(cache._tensors)  # the stored ones: lazy patterns stay lazy (never all computed here)
         if names:
             with run.entry.lock, torch.no_grad():  # a forward on the shared model: no other request's hooks on it
                 _, extra = model.run_with_cache(run.ids[:, :-1].to(model.device), names_filter=names, return_type=None)
-            tensors.update(extra.items())
-        return ActivationCache(tensors, model=model, tokens=run.ids[:, :-1])
+            tensors.update(extra._tensors)
+        return ActivationCache(tensors, model=model, tokens=run.ids[:, :-1], lazy=cache.lazy)
 
-    return views.memo(run, ("explain-cache",), compute)
+    if run.explained is None:  # kept on the run, not in the memo, so the live-runs budget counts its bytes
+        run.explained = compute()
+        LIVE_RUNS.settle()
+    return run.explained
 
 
 def logit_attribution(run: Run, index, foil=None) -> readouts.LogitAttribution:

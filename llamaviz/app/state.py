@@ -124,6 +124,7 @@ class Run:
     run_id: int = field(default_factory=lambda: next(_run_ids))
     memo: dict = field(default_factory=dict)  # key -> (view, bytes); views.memo keeps it
     memo_bytes: int = 0  # what the memoised views take (the figures as sent, the tables)
+    explained: object | None = None  # the ActivationCache the explanation tabs read (explain.analysis_cache)
 
     @property
     def cached_tokens(self) -> list[str]:
@@ -142,10 +143,11 @@ class Run:
         return self.cache
 
     def nbytes(self) -> int:
-        """Bytes the budget counts: the activations plus the memoised views."""
+        """Bytes the budget counts: the activations, the explanations' extra activations, the memoised views."""
         if self.cache is None:
             return self.memo_bytes
-        return self.memo_bytes + self.cache.nbytes()  # lazy patterns cost nothing until drawn
+        extra = 0 if self.explained is None else self.explained.nbytes() - self.cache.nbytes()  # shared tensors once
+        return self.memo_bytes + self.cache.nbytes() + max(extra, 0)  # lazy patterns cost nothing until drawn
 
     @property
     def export_folder(self) -> Path:
@@ -154,7 +156,7 @@ class Run:
 
     def release(self) -> None:
         """Drop the activations, the memoised views and the exported files."""
-        self.cache = None
+        self.cache = self.explained = None
         self.memo.clear()
         self.memo_bytes = 0
         files.remove_run_folder(self.run_id)
