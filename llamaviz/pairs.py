@@ -102,7 +102,8 @@ def patch_pair(model, clean_ids: torch.Tensor, corrupted_ids: torch.Tensor, answ
             def step(done: int, total: int, index=index, name=name) -> None:
                 report((index + done / total) / len(exact_names), f"exact patching: {name}")
 
-            values = patching.generic_activation_patch(model, corrupted_ids, clean_cache, metric, SWEEPS[name], step)
+            values = patching.generic_activation_patch(model, corrupted_ids, clean_cache, metric, SWEEPS[name], step,
+                                                       last_position_only=True)  # the metric reads the last position
             result.exact[name] = result.normalise(values)
     report(1.0, "done")
     return result

@@ -146,3 +146,11 @@ def test_default_model_sweeps_equal_transformer_lens(default_with_reference):
     for name in ("get_act_patch_resid_pre",):  # the other sweeps are checked on the tiny configs (TL is slow here)
         assert_close(getattr(patching, name)(ours, corrupted, cache, metric),
                      getattr(tl_patching, name)(tl, corrupted, tl_cache, metric), atol=1e-4, rtol=0, msg=name)
+
+
+def test_last_position_only_gives_the_same_numbers(setup):
+    ours, _, clean, corrupted, clean_cache, _ = setup
+    full = patching.get_act_patch_attn_head_out_by_pos(ours, corrupted, clean_cache, logit_diff)
+    last = patching.generic_activation_patch(ours, corrupted, clean_cache, logit_diff, "attn_head_out_by_pos",
+                                             last_position_only=True)
+    assert_close(last, full, atol=1e-5, rtol=0)

@@ -21,6 +21,7 @@ from .kinds import KINDS, PatchKind, axis_sizes
 
 Progress = Callable[[int, int], None]  # progress(done, total); raise from it to stop a sweep
 LOGITS_BYTES_PER_FORWARD = 512 * 2**20  # cap on the logits one batched forward produces
+MAX_ROWS_PER_FORWARD = 256  # and on the copies one forward carries (activations grow with them)
 
 
 def check_scalar(value, where: str = "metric") -> torch.Tensor:
@@ -61,8 +62,12 @@ def corrupted_inputs(model, corrupted_tokens, clean_cache) -> tuple[torch.Tensor
 
 
 def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric: Callable, kind: str,
-                             progress: Progress | bool | None = None) -> torch.Tensor:
-    """The metric after patching each cell of `kind` (a name of kinds.KINDS): [L, *axes]."""
+                             progress: Progress | bool | None = None, last_position_only: bool = False) -> torch.Tensor:
+    """The metric after patching each cell of `kind` (a name of kinds.KINDS): [L, *axes].
+
+    last_position_only=True hands the metric logits [b, 1, v] of the last position only (a metric
+    reading logits[:, -1] gives the same numbers, for less unembedding work and bigger batches).
+    """
     spec = KINDS[kind]
     tokens, resid = corrupted_inputs(model, corrupted_tokens, clean_cache)
     layers = model.config.num_hidden_layers
@@ -71,7 +76,8 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     cells = list(itertools.product(*(range(sizes[a]) for a in spec.axes)))
     result = torch.zeros(shape)
     report = progress_reporter(progress, layers * len(cells), kind)
-    batch, rows = tokens.shape[0], _rows_per_forward(model, tokens)
+    keep = 1 if last_position_only else 0  # logits_to_keep: 0 = every position
+    batch, rows = tokens.shape[0], _rows_per_forward(model, tokens, keep)
     done = 0
     for layer in range(layers):
         name = get_act_name(spec.act, layer)
@@ -80,7 +86,7 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
         clean = clean_cache[name].to(resid[layer].device)
         for start in range(0, len(cells), rows):
             chunk = cells[start:start + rows]
-            logits = _patched_logits(model, resid[layer], layer, name, spec, chunk, clean)
+            logits = _patched_logits(model, resid[layer], layer, name, spec, chunk, clean, keep)
             for r, cell in enumerate(chunk):
                 result[(layer, *cell)] = check_scalar(patching_metric(logits[r * batch:(r + 1) * batch])).float()
             done += len(chunk)
@@ -89,7 +95,7 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
 
 
 @torch.no_grad()
-def _patched_logits(model, resid, layer: int, name: str, spec: PatchKind, cells, clean) -> torch.Tensor:
+def _patched_logits(model, resid, layer: int, name: str, spec: PatchKind, cells, clean, keep: int = 0) -> torch.Tensor:
     """Logits [n * b, p, v] of n patched copies of the corrupted run, starting at `layer`."""
     batch = resid.shape[0]
 
@@ -103,9 +109,9 @@ def _patched_logits(model, resid, layer: int, name: str, spec: PatchKind, cells,
 
     x = resid.repeat(len(cells), 1, 1)  # [n * b, p, m]
     with model.hooks(fwd_hooks=[(name, patch)]):
-        return model(x, start_at_layer=layer, return_type="logits")
+        return model(x, start_at_layer=layer, return_type="logits", logits_to_keep=keep)
 
 
-def _rows_per_forward(model, tokens: torch.Tensor) -> int:
-    per_copy = tokens.shape[0] * tokens.shape[1] * model.config.vocab_size * 4
-    return max(1, LOGITS_BYTES_PER_FORWARD // per_copy)
+def _rows_per_forward(model, tokens: torch.Tensor, keep: int = 0) -> int:
+    per_copy = tokens.shape[0] * (keep or tokens.shape[1]) * model.config.vocab_size * 4
+    return max(1, min(LOGITS_BYTES_PER_FORWARD // per_copy, MAX_ROWS_PER_FORWARD // tokens.shape[0]))
