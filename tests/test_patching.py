@@ -1,10 +1,12 @@
 """Activation and attribution patching against TransformerLens' patching module and brute-force hooks."""
 
+import itertools
+
 import pytest
 import torch
 from torch.testing import assert_close
 
-from llamaviz import patching
+from llamaviz import get_act_name, patching
 from tiny import hf_and_ours
 from tl_reference import bridge
 
@@ -154,3 +156,66 @@ def test_last_position_only_gives_the_same_numbers(setup):
     last = patching.generic_activation_patch(ours, corrupted, clean_cache, logit_diff, "attn_head_out_by_pos",
                                              last_position_only=True)
     assert_close(last, full, atol=1e-5, rtol=0)
+
+
+POSITION_SWEEPS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "attn_head_out_by_pos", "attn_head_q_by_pos",
+                   "attn_head_k_by_pos", "attn_head_v_by_pos")
+
+
+def every_position_metric(logits):  # reads every position, so the copies' corrupted prefixes count too
+    return (logits[..., 5] - logits[..., 9]).mean() + logits[:, 0, 7].sum()
+
+
+@pytest.mark.parametrize("case", ["mistral", "qwen3_sliding"])
+def test_copies_started_at_their_position_equal_brute_force_hooks(case):
+    """Sliding windows shorter than the prompt, q/k norms, GQA, a batch of two: the packed suffixes
+    (each copy from its patched position on, the corrupted keys before it) equal one hooked forward per cell."""
+    from tiny_variants import hf_and_ours as variant
+
+    from llamaviz.patching import sweeps
+
+    _, model = variant(case)
+    clean = torch.randint(3, 113, (2, 8), generator=torch.Generator().manual_seed(5))
+    corrupted = clean.clone()
+    corrupted[:, 3] = 7
+    _, clean_cache = model.run_with_cache(clean)
+    assert sweeps._can_pack(model, patching.KINDS["resid_pre"])
+    for kind in POSITION_SWEEPS:
+        spec = patching.KINDS[kind]
+        mine = patching.generic_activation_patch(model, corrupted, clean_cache, every_position_metric, kind)
+        last = patching.generic_activation_patch(model, corrupted, clean_cache, logit_diff, kind,
+                                                 last_position_only=True)
+        for layer in range(model.config.num_hidden_layers):
+            name = get_act_name(spec.act, layer)
+            for cell in itertools.product(*(range(n) for n in mine.shape[1:])):
+                where = (slice(None), *spec.index(cell))
+                expected = _hooked_metric(model, corrupted, clean_cache, name, where)
+                assert_close(mine[(layer, *cell)], expected[0], atol=1e-5, rtol=0, msg=f"{kind} {layer} {cell}")
+                assert_close(last[(layer, *cell)], expected[1], atol=1e-5, rtol=0, msg=f"{kind} {layer} {cell}")
+
+
+def _hooked_metric(model, corrupted, clean_cache, name, where) -> tuple[torch.Tensor, torch.Tensor]:
+    def put_back(x, hook):
+        x = x.clone()
+        x[where] = clean_cache[name][where]
+        return x
+    with torch.no_grad():
+        logits = model.run_with_hooks(corrupted, fwd_hooks=[(name, put_back)])
+    return every_position_metric(logits), logit_diff(logits)
+
+
+def test_a_permanent_hook_keeps_every_copy_whole(setup):
+    """A hook the user attached sees full-length copies: the sweep then runs each copy from position 0."""
+    from llamaviz.patching import sweeps
+
+    ours, _, _, corrupted, clean_cache, _ = setup
+    without = patching.get_act_patch_resid_pre(ours, corrupted, clean_cache, every_position_metric)
+    seen = []
+    ours.add_hook("blocks.1.hook_mlp_out", lambda x, hook: seen.append(tuple(x.shape)))
+    try:
+        assert not sweeps._can_pack(ours, patching.KINDS["resid_pre"])
+        with_hook = patching.get_act_patch_resid_pre(ours, corrupted, clean_cache, every_position_metric)
+    finally:
+        ours.reset_hooks()
+    assert all(shape[1] == corrupted.shape[1] for shape in seen)
+    assert_close(with_hook, without, atol=1e-5, rtol=0)

@@ -3,8 +3,10 @@
 Same numbers as TransformerLens' `patching.get_act_patch_*`, computed differently: the patched runs
 of one layer go through the model together (the corrupted prompt repeated along the batch, each
 copy patched at its own cell), and each starts at the patched layer from the corrupted run's
-residual stream, since nothing before that layer changes. `metric(logits [b, p, v])` is called once
-per cell on that cell's logits, exactly as TransformerLens calls it.
+residual stream, since nothing before that layer changes. A copy patched at one position also
+starts at that position (patching/suffix.py): the corrupted run's keys, values and logits stand in
+for the positions before it. `metric(logits [b, p, v])` is called once per cell on that cell's
+logits, exactly as TransformerLens calls it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from llamaviz.llama.capture import progress_reporter
 from llamaviz.llama.names import get_act_name
 
 from .kinds import KINDS, PatchKind, axis_sizes
+from .suffix import CorruptedRun, copy_logits, packed_logits, suffix_start
 
 Progress = Callable[[int, int], None]  # progress(done, total); raise from it to stop a sweep
 LOGITS_BYTES_PER_FORWARD = 512 * 2**20  # cap on the logits one batched forward produces
@@ -50,15 +53,19 @@ def _tokenization(model, tokens: torch.Tensor):
         return tokens[:1].tolist()
 
 
-def corrupted_inputs(model, corrupted_tokens, clean_cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(tokens [b, p], the corrupted run's resid_pre of every layer [b, p, m])."""
+def corrupted_inputs(model, corrupted_tokens, clean_cache) -> tuple[torch.Tensor, CorruptedRun]:
+    """(tokens [b, p], the corrupted run: every layer's resid_pre, rotated keys and values, and its logits)."""
     if isinstance(corrupted_tokens, (str, list)):
         corrupted_tokens = model.to_tokens(corrupted_tokens)
     check_pair(model, corrupted_tokens, getattr(clean_cache, "tokens", None))
-    names = [f"blocks.{i}.hook_resid_pre" for i in range(model.config.num_hidden_layers)]
+    layers = range(model.config.num_hidden_layers)
+    names = [f"blocks.{i}.{n}" for i in layers for n in ("hook_resid_pre", "attn.hook_rot_k", "attn.hook_v")]
     with torch.no_grad():
-        _, cache = model.run_with_cache(corrupted_tokens, names_filter=names, return_type=None)
-    return corrupted_tokens, [cache[name] for name in names]
+        logits, cache = model.run_with_cache(corrupted_tokens, names_filter=names, return_type="logits")
+    run = CorruptedRun(resid=[cache[f"blocks.{i}.hook_resid_pre"] for i in layers],
+                       keys=[cache[f"blocks.{i}.attn.hook_rot_k"].transpose(1, 2) for i in layers],
+                       values=[cache[f"blocks.{i}.attn.hook_v"].transpose(1, 2) for i in layers], logits=logits)
+    return corrupted_tokens, run
 
 
 def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric: Callable, kind: str,
@@ -69,7 +76,7 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     reading logits[:, -1] gives the same numbers, for less unembedding work and bigger batches).
     """
     spec = KINDS[kind]
-    tokens, resid = corrupted_inputs(model, corrupted_tokens, clean_cache)
+    tokens, run = corrupted_inputs(model, corrupted_tokens, clean_cache)
     layers = model.config.num_hidden_layers
     sizes = axis_sizes(model.config, tokens.shape[1], spec.act)
     shape = (layers, *(sizes[a] for a in spec.axes))
@@ -77,26 +84,52 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     result = torch.zeros(shape)
     report = progress_reporter(progress, layers * len(cells), kind)
     keep = 1 if last_position_only else 0  # logits_to_keep: 0 = every position
-    batch, rows = tokens.shape[0], _rows_per_forward(model, tokens, keep)
-    done = 0
+    rows, done = _rows_per_forward(model, tokens, keep), 0
+    patch = _packed_copies if _can_pack(model, spec) else _patched_copies
     for layer in range(layers):
         name = get_act_name(spec.act, layer)
         if name not in clean_cache:
             raise KeyError(f"the clean cache has no {name!r}: run_with_cache the clean prompt with that hook point")
-        clean = clean_cache[name].to(resid[layer].device)
+        clean = clean_cache[name].to(run.resid[layer].device)
         for start in range(0, len(cells), rows):
             chunk = cells[start:start + rows]
-            logits = _patched_logits(model, resid[layer], layer, name, spec, chunk, clean, keep)
-            for r, cell in enumerate(chunk):
-                result[(layer, *cell)] = check_scalar(patching_metric(logits[r * batch:(r + 1) * batch])).float()
+            for cell, logits in zip(chunk, patch(model, run, layer, name, spec, chunk, clean, keep)):
+                result[(layer, *cell)] = check_scalar(patching_metric(logits)).float()
             done += len(chunk)
             report(done)
     return result
 
 
+def _can_pack(model, spec: PatchKind) -> bool:
+    """Copies can start at their patched position: one-position cells, no other hooks, one device, one process."""
+    layer_devices = {next(block.parameters()).device for block in model.model.layers}
+    return ("pos" in spec.axes and not spec.pattern_shaped and getattr(model, "tp_size", 1) == 1
+            and len(layer_devices) == 1 and not any(point.active for point in model.hook_points().values()))
+
+
+def _packed_copies(model, run: CorruptedRun, layer: int, name: str, spec: PatchKind, cells, clean,
+                   keep: int = 0) -> list[torch.Tensor]:
+    """Each cell's logits [b, p, v] (or [b, 1, v] with keep=1), its copy packed from its patched position on."""
+    starts = [suffix_start(spec.axes, cell) for cell in cells]
+
+    def patch_at(activation: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+        activation = activation.clone()
+        for cell, offset in zip(cells, offsets):
+            where = spec.index(cell)  # (pos, ...): the copy's patched position is the first of its suffix
+            activation[(slice(None), offset, *where[1:])] = clean[(slice(None), *where)].to(activation.dtype)
+        return activation
+
+    packed, offsets = packed_logits(model, run, layer, name, patch_at, starts, last_only=bool(keep))
+    if keep:
+        return [packed[:, r:r + 1] for r in range(len(cells))]
+    return [copy_logits(run, packed, start, offset) for start, offset in zip(starts, offsets)]
+
+
 @torch.no_grad()
-def _patched_logits(model, resid, layer: int, name: str, spec: PatchKind, cells, clean, keep: int = 0) -> torch.Tensor:
-    """Logits [n * b, p, v] of n patched copies of the corrupted run, starting at `layer`."""
+def _patched_copies(model, run: CorruptedRun, layer: int, name: str, spec: PatchKind, cells, clean,
+                    keep: int = 0) -> list[torch.Tensor]:
+    """Each cell's logits [b, p, v]: n patched copies of the corrupted run in one forward, from `layer`."""
+    resid = run.resid[layer]
     batch = resid.shape[0]
 
     def patch(activation: torch.Tensor, hook) -> torch.Tensor:
@@ -109,7 +142,8 @@ def _patched_logits(model, resid, layer: int, name: str, spec: PatchKind, cells,
 
     x = resid.repeat(len(cells), 1, 1)  # [n * b, p, m]
     with model.hooks(fwd_hooks=[(name, patch)]):
-        return model(x, start_at_layer=layer, return_type="logits", logits_to_keep=keep)
+        logits = model(x, start_at_layer=layer, return_type="logits", logits_to_keep=keep)
+    return list(logits.split(batch))
 
 
 def _rows_per_forward(model, tokens: torch.Tensor, keep: int = 0) -> int:
