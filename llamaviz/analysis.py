@@ -2,14 +2,17 @@
 
 Each score is the attention mass a head puts on the key a behaviour predicts, averaged over the
 queries where that key exists and over the batch. `head_scores(cache)` reads the cache one layer
-and one block of queries at a time, so lazy patterns at 8K tokens never exist whole; the
-functions on stacked patterns [layers, b, h, p, k] give the same numbers for small inputs.
+and one block of queries at a time, so lazy patterns at 8K tokens never exist whole; a plain causal
+lazy layer is scored without any pattern block (llamaviz/causal_scores.py: one fused attention pass
+for each query's log-sum-exp, then the predicted keys' weights only). The functions on stacked
+patterns [layers, b, h, p, k] give the same numbers for small inputs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from llamaviz import causal_scores
 from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.llama.lazy_patterns import pattern_rows
 
@@ -119,7 +122,15 @@ def head_scores(cache: ActivationCache, tokens: torch.Tensor | None = None, kind
     tokens = tokens[None] if tokens is not None and tokens.dim() == 1 else tokens
     layers = cache._num_layers()
     rows: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
+    pair_plans = {}
     for layer in range(layers):
+        if cache.lazy is not None and causal_scores.applies(cache.lazy, layer):  # no pattern built at all
+            pair_plans = pair_plans or _pair_plans(kinds, tokens, cache.lazy.mask.query_length)
+            for kind, value in causal_scores.layer_scores(cache.lazy, layer, kinds, pair_plans).items():
+                rows[kind].append(value)
+            if progress is not None:
+                progress(layer + 1, layers)
+            continue
         first = pattern_rows(cache, layer, 0, 1, visible_only=False)  # [b, h, 1, k]
         h, k = first.shape[1], first.shape[3]
         p = _query_count(cache, layer)
@@ -133,6 +144,18 @@ def head_scores(cache: ActivationCache, tokens: torch.Tensor | None = None, kind
         if progress is not None:
             progress(layer + 1, layers)
     return {kind: torch.stack(value) for kind, value in rows.items()}
+
+
+def _pair_plans(kinds, tokens, p: int) -> dict:
+    """The (query, key) pairs of the token behaviours, once for every layer; checks the tokens like _targets."""
+    plans = {}
+    for kind in kinds:
+        if kind in NEEDS_TOKENS:
+            if tokens is None or tokens.shape[1] != p:
+                raise ValueError(f"the {kind} score needs tokens [b, p] with p == keys ({p}); got "
+                                 f"{None if tokens is None else tuple(tokens.shape)}")
+            plans[kind] = causal_scores.plans(kind, tokens)
+    return plans or {"": []}  # not empty: made once
 
 
 def _query_count(cache: ActivationCache, layer: int) -> int:

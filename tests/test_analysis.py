@@ -99,3 +99,33 @@ def test_head_scores_in_chunks_on_lazy_patterns_equal_the_brute_force(padded):
         torch.testing.assert_close(function(stack_patterns(stored)), expected[kind], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="unknown head score 'copy'; accepted: previous-token"):
         head_scores(lazy, kinds=["copy"])
+
+
+def test_scores_without_patterns_equal_the_brute_force_with_many_repeated_tokens(monkeypatch):
+    """Five distinct tokens over 150 positions: most (query, key) pairs go through the per-token matmuls
+    (causal_scores.BIG_GROUP), the rest through gathered pairs; also the blockwise log-sum-exp used off CPU."""
+    from llamaviz import causal_scores
+    from llamaviz.analysis import head_scores, stack_patterns
+
+    _, ours = hf_and_ours("gqa", max_position_embeddings=256)
+    tokens = torch.randint(3, 8, (2, 150), generator=torch.Generator().manual_seed(2))
+    tokens[1, 100:] = torch.arange(50) + 20  # a tail of tokens seen once: small groups and no pairs
+    names = dict(names_filter=lambda n: n.endswith("hook_pattern"))
+    _, stored = ours.run_with_cache(tokens, **names)
+    _, lazy = ours.run_with_cache(tokens, patterns="lazy", **names)
+    assert causal_scores.applies(lazy.lazy, 0)
+    expected = brute_force_scores(stack_patterns(stored), tokens)
+    monkeypatch.setattr(causal_scores, "BIG_GROUP", 256)  # groups of ~30 x 30 pairs count as big here
+    plans = causal_scores.plans("duplicate-token", tokens)
+    assert plans[0].big and len(plans[1].pair_q)
+    lazy.lazy.computed_heads = 0
+    scores = head_scores(lazy)
+    assert lazy.lazy.computed_heads == ours.config.num_hidden_layers * ours.config.num_attention_heads
+    for kind, value in expected.items():
+        torch.testing.assert_close(scores[kind], value, atol=1e-5, rtol=0, msg=kind)
+    q, k = torch.randn(2, 3, 70, 8), torch.randn(2, 3, 70, 8)
+    fused = causal_scores.log_sum_exp(q, k, 0.3)
+    monkeypatch.setattr(causal_scores, "LSE_CHUNK", 16)
+    monkeypatch.delattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", raising=False)
+    for a, b in zip(causal_scores.log_sum_exp(q, k, 0.3), fused):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
