@@ -149,7 +149,7 @@ def child_speed(tokens: int, runs: int) -> dict:
     overview, window = [], []
     for layer, head in [(0, 0), (14, 4), (29, 8)]:
         start = time.perf_counter()
-        pooled = pooling.max_pool(pooling.pattern_reader(cache, layer, head), tokens, tokens)
+        pooled = pooling.pooled_pattern(cache, layer, head, tokens)
         plots.pooled_attention_heatmap(pooled, tokens_text, title=f"L{layer} H{head}").to_json()
         overview.append(time.perf_counter() - start)
         start = time.perf_counter()

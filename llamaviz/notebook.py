@@ -162,7 +162,7 @@ def show_attention(model, tok, text: str, layer: int, head: Head = "mean", *,
     if view == "window":
         return plots.attention_window(reader, result.tokens, *_window(result.tokens, queries, keys), title=title)
     if view == "pooled":
-        pooled = pooling.max_pool(reader, len(result.tokens), len(result.tokens), max_cells)
+        pooled = pooling.pooled_pattern(result.cache, layer, head, len(result.tokens), max_cells)
         return plots.pooled_attention_heatmap(pooled, result.tokens, title=title)
     return plots.attention_heatmap(result.cache["pattern", layer][0], result.tokens, head=head,
                                    layer=layer, drop_first=drop_first, log_scale=log_scale)
@@ -186,7 +186,7 @@ def show_head_grid(model, tok, text: str, layer: int, *, drop_first: bool = Fals
             grid.append(pooling.window_panel(reader, result.tokens, *_window(result.tokens, queries, keys),
                                              f"L{layer} H{head}"))
         else:
-            grid.append(pooling.pooled_panel(pooling.max_pool(reader, n, n, max_cells), result.tokens,
+            grid.append(pooling.pooled_panel(pooling.pooled_pattern(result.cache, layer, head, n, max_cells), result.tokens,
                                              title=f"L{layer} H{head}"))
     return plots.panel_grid(grid, layer)
 

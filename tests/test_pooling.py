@@ -44,6 +44,12 @@ def test_lazy_pooled_overview_and_window_equal_the_stored_pattern():
         full = (full.mean(0) if head == "mean" else full[head]).numpy()
         pooled = pooling.max_pool(pooling.pattern_reader(lazy, 1, head), 50, 50, cells=16)
         np.testing.assert_allclose(pooled.values, brute_force_pool(full, 4, 4), atol=1e-6, rtol=0)
+        lazy.lazy.computed_heads = 0
+        in_log_space = pooling.pooled_pattern(lazy, 1, head, 50, cells=16)  # a head: max of s - lse, no softmax
+        assert lazy.lazy.computed_heads == (1 if head == 2 else model.config.num_attention_heads)
+        np.testing.assert_allclose(in_log_space.values, brute_force_pool(full, 4, 4), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(pooling.pooled_pattern(stored, 1, head, 50, cells=16).values,
+                                   brute_force_pool(full, 4, 4), atol=1e-6, rtol=0)
         fig = plots.pooled_attention_heatmap(pooled, tokens, title="L1")
         assert np.asarray(fig.data[0].z).shape == (13, 13) and fig.data[0].y[1] == "4–7: t4…t7"
         window = plots.attention_window(pooling.pattern_reader(lazy, 1, head), tokens, (40, 45), (30, 42))

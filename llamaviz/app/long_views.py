@@ -41,7 +41,7 @@ def _title(layer: int, head) -> str:
 def overview_figure(run: Run, layer: int, head) -> go.Figure:
     """The whole pattern max-pooled to at most pooling.MAX_CELLS blocks per side; block ranges on hover."""
     n = len(run.cached_tokens)
-    pooled = pooling.max_pool(reader(run, layer, head), n, n)
+    pooled = pooling.pooled_pattern(run.activations(), layer, head, n)
     return plots.pooled_attention_heatmap(pooled, run.cached_tokens, title=_title(layer, head))
 
 
@@ -66,7 +66,7 @@ def window_figure(run: Run, layer: int, head, queries, keys) -> go.Figure:
 def grid_figure(run: Run, layer: int) -> go.Figure:
     """Every head of a layer, each max-pooled to GRID_CELLS blocks per side."""
     n, tokens = len(run.cached_tokens), run.cached_tokens
-    panels = [pooling.pooled_panel(pooling.max_pool(reader(run, layer, head), n, n, GRID_CELLS), tokens,
+    panels = [pooling.pooled_panel(pooling.pooled_pattern(run.activations(), layer, head, n, GRID_CELLS), tokens,
                                    title=f"L{layer} H{head}")
               for head in range(run.entry.config.num_attention_heads)]
     return plots.panel_grid(panels, layer)

@@ -5,7 +5,7 @@ Per-head scores for head_overview come from llamaviz.analysis (detect_heads, hea
 
 from .figures import (attention_heatmap, attention_window, head_grid, head_overview, logit_lens,
                       panel_grid, pooled_attention_heatmap, resid_norms, token_logprobs)
-from .pooling import max_pool, pattern_reader
+from .pooling import max_pool, pattern_reader, pooled_pattern
 from .html import tokens_html
 from .static import (attention_heatmap_mpl, head_grid_mpl, head_overview_mpl, logit_lens_mpl,
                      resid_norms_mpl, token_logprobs_mpl)
@@ -13,7 +13,7 @@ from .tokens import display_token, position_labels
 
 __all__ = [
     "attention_heatmap", "attention_heatmap_mpl", "attention_window", "pooled_attention_heatmap",
-    "panel_grid", "max_pool", "pattern_reader", "head_grid", "head_grid_mpl", "head_overview",
+    "panel_grid", "max_pool", "pattern_reader", "pooled_pattern", "head_grid", "head_grid_mpl", "head_overview",
     "head_overview_mpl", "logit_lens", "logit_lens_mpl", "resid_norms", "resid_norms_mpl",
     "token_logprobs", "token_logprobs_mpl", "tokens_html",
     "display_token", "position_labels",

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from llamaviz import causal_scores
+
 from .panels import Head, Heatmap
 from .tokens import display_token, shorten
 
@@ -46,21 +48,65 @@ def block_edges(length: int, cells: int = MAX_CELLS) -> np.ndarray:
     return np.append(np.arange(0, length, size), length)
 
 
-def max_pool(read_rows: RowReader, queries: int, keys: int, cells: int = MAX_CELLS) -> Pooled:
-    """Max-pool a [queries, keys] pattern read band by band; weights >= 0, so missing keys count as 0."""
+def max_pool(read_rows: RowReader, queries: int, keys: int, cells: int = MAX_CELLS, log_weights: bool = False) -> Pooled:
+    """Max-pool a [queries, keys] pattern read band by band; weights >= 0, so missing keys count as 0.
+
+    log_weights: the reader gives log weights (masked keys -inf); the maxima are exponentiated at the end.
+    """
     row_edges, col_edges = block_edges(queries, cells), block_edges(keys, cells)
     row_size, col_size = int(row_edges[1] - row_edges[0]), int(col_edges[1] - col_edges[0])
     cols = len(col_edges) - 1
     band = max(row_size, BAND_ROWS // row_size * row_size)  # whole row blocks per read
+    missing = -math.inf if log_weights else 0.0
     pooled = []
     for start in range(0, queries, band):
         stop = min(queries, start + band)
-        rows = read_rows(start, stop).float()  # [c, k']
-        row_blocks = math.ceil((stop - start) / row_size)
-        padded = rows.new_zeros(row_blocks * row_size, cols * col_size)  # [c', k''] zero beyond the data
-        padded[:rows.shape[0], :rows.shape[1]] = rows
-        pooled.append(padded.view(row_blocks, row_size, cols, col_size).amax(dim=(1, 3)))  # [rb, C]
-    return Pooled(torch.cat(pooled).cpu().numpy().astype(np.float64), row_edges, col_edges)
+        rows = read_rows(start, stop).float()  # [c, k'], k' <= keys: the keys these queries may see
+        row_blocks, seen = math.ceil(rows.shape[0] / row_size), math.ceil(rows.shape[1] / col_size)
+        if rows.shape != (row_blocks * row_size, seen * col_size):  # pad the last blocks with "no weight"
+            padded = rows.new_full((row_blocks * row_size, seen * col_size), missing)
+            padded[:rows.shape[0], :rows.shape[1]] = rows
+            rows = padded
+        per_key_block = rows.view(-1, seen, col_size).amax(dim=-1)  # [c', seen]: the contiguous axis first
+        band_max = per_key_block.new_full((row_blocks, cols), missing)  # blocks of unseen keys hold no weight
+        band_max[:, :seen] = per_key_block.view(row_blocks, row_size, seen).amax(dim=1)
+        pooled.append(band_max)  # [rb, C]
+    values = torch.cat(pooled)
+    return Pooled((values.exp() if log_weights else values).cpu().numpy().astype(np.float64), row_edges, col_edges)
+
+
+def pooled_pattern(cache, layer: int, head: Head, length: int, cells: int = MAX_CELLS, batch: int = 0) -> Pooled:
+    """One head's (or the heads' mean) [length, length] pattern of a cache, max-pooled to at most `cells` blocks per side.
+
+    A head of a plain causal lazy layer is pooled in log space (max of s - lse, then exp: the same
+    maxima, without a softmax pass over every cell); anything else pools the pattern's rows.
+    """
+    lazy = cache.lazy
+    if head != "mean" and lazy is not None and causal_scores.applies(lazy, layer) \
+            and lazy.pieces[layer].queries == length:
+        return max_pool(log_weight_reader(lazy, layer, head, batch), length, length, cells, log_weights=True)
+    return max_pool(pattern_reader(cache, layer, head, batch), length, length, cells)
+
+
+def log_weight_reader(lazy, layer: int, head: int, batch: int = 0) -> RowReader:
+    """Rows of log weights s - lse [c, stop] (keys after the query -inf) of one head of a plain causal lazy layer."""
+    piece = lazy.pieces[layer]
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < piece.heads:
+        raise IndexError(f"head {head!r} is out of range; accepted: 0..{piece.heads - 1}")
+    group = head // (piece.heads // piece.kv_heads)
+    q = piece.rot_q(0, piece.queries, slice(head, head + 1))[batch:batch + 1].transpose(1, 2).float()  # [1, 1, p, d]
+    k = piece.rot_k(None, slice(group, group + 1))[batch:batch + 1].transpose(1, 2).float()  # [1, 1, p, d]
+    lazy.computed_heads += 1
+    q, k = q[0, 0], k[0, 0]  # [p, d]
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        with torch.no_grad():  # a band holds every key its queries see, so its own log-sum-exp is exact
+            rows = torch.matmul(q[start:stop], k[:stop].T).mul_(lazy.scale)  # [c, stop]
+            later = torch.ones(stop - start, stop - start, dtype=torch.bool, device=rows.device).triu_(1)
+            rows[:, start:].masked_fill_(later, -math.inf)
+            return rows.sub_(rows.logsumexp(-1, keepdim=True))
+
+    return read
 
 
 def pattern_reader(cache, layer: int, head: Head, batch: int = 0) -> RowReader:
