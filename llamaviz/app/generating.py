@@ -9,6 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -73,14 +74,22 @@ def token_budget(entry: ModelEntry, prompt_length: int, max_new_tokens: int) -> 
     return allowed, note
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """The prompt's forward has passed `done` of `total` layers (reported before the first new token)."""
+
+    done: int
+    total: int
+
+
 class Generation:
-    """One generate_with_cache call in a worker thread; iterate `texts()` for the growing continuation."""
+    """One generate_with_cache call in a worker thread; iterate `updates()` for the growing continuation."""
 
     def __init__(self, entry: ModelEntry, ids: torch.Tensor, settings: Settings, max_new_tokens: int,
                  stop: threading.Event):
         self.entry, self.ids, self.settings = entry, ids, settings
         self.max_new_tokens, self.stop = max_new_tokens, stop
-        self.pieces: queue.Queue = queue.Queue()
+        self.pieces: queue.Queue = queue.Queue()  # text pieces, Prefill reports, then _DONE
         self.sequences: torch.Tensor | None = None  # [1, T]
         self.cache = None
         self.stats: RunStats | None = None
@@ -99,31 +108,30 @@ class Generation:
                 self.sequences, self.cache = generate_with_cache(
                     model, self.ids, max_new_tokens=self.max_new_tokens,
                     names_filter=kept_names(model.config.num_hidden_layers), patterns=CAPTURE_PATTERNS,
-                    streamer=streamer, stop=self.stop.is_set, **self.settings.sampling())
+                    streamer=streamer, stop=self.stop.is_set, **self.settings.sampling(),
+                    progress=lambda done, total: self.pieces.put(Prefill(done, total)))
         except BaseException as err:  # handed to the request thread, which reports it
             self.error = err
         finally:
             self.pieces.put(_DONE)
 
-    def texts(self) -> Iterator[str]:
-        """The continuation so far, after each new piece; ends when the worker finishes."""
+    def updates(self) -> Iterator[tuple[str, Prefill | None]]:
+        """(the continuation so far, the newest prefill report or None) after each new piece; ends with the worker."""
         text = ""
         while True:
-            piece = self.pieces.get()
-            if piece is _DONE:
-                break
-            text += piece
-            # several pieces may be waiting: send the newest text once
-            while True:
+            pieces = [self.pieces.get()]
+            while pieces[-1] is not _DONE:  # several pieces may be waiting: send the newest state once
                 try:
-                    piece = self.pieces.get_nowait()
+                    pieces.append(self.pieces.get_nowait())
                 except queue.Empty:
                     break
-                if piece is _DONE:
-                    self.pieces.put(_DONE)
-                    break
-                text += piece
-            yield text
+            prefill = next((piece for piece in reversed(pieces) if isinstance(piece, Prefill)), None)
+            text += "".join(piece for piece in pieces if isinstance(piece, str))
+            if pieces[-1] is _DONE:
+                if len(pieces) > 1:
+                    yield text, prefill
+                break
+            yield text, prefill
         self.thread.join()
 
     def to_run(self, prompt: str, model_input: str, continuation: str) -> Run:

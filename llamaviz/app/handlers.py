@@ -124,10 +124,10 @@ def generate(state, model_path, prompt, chat_template, max_new_tokens, temperatu
     yield shown, status(f"Generating: {waiting}up to {allowed} tokens after a {ids.shape[1]}-token prompt"), state
     started, last, text = time.perf_counter(), 0.0, ""
     try:
-        for text in generation.texts():
-            if time.perf_counter() - last >= STREAM_INTERVAL:
+        for text, prefill in generation.updates():
+            if time.perf_counter() - last >= STREAM_INTERVAL or (prefill and prefill.done == prefill.total):
                 last = time.perf_counter()
-                yield shown + text, gr.skip(), state
+                yield shown + text, prefill_status(prefill, ids.shape[1], allowed) if prefill else gr.skip(), state
         run = generation.to_run(prompt, model_input, text)
     except Exception as err:
         yield shown + text, failure(err), state
@@ -144,6 +144,13 @@ def generate(state, model_path, prompt, chat_template, max_new_tokens, temperatu
     message = (f"{ended.capitalize()}: {run.new_tokens} new tokens in {time.perf_counter() - started:.1f} s; "
                f"activations of {len(run.cached_tokens)} positions kept for the tabs below")
     yield shown + text, status(message + (f". Note: {note}" if note else ""), "ok"), state
+
+
+def prefill_status(prefill, prompt_length: int, allowed: int) -> str:
+    """The status line while the prompt's forward passes the layers, then while tokens stream."""
+    if prefill.done < prefill.total:
+        return status(f"Reading the {prompt_length}-token prompt: layer {prefill.done} of {prefill.total}…")
+    return status(f"Generating: up to {allowed} tokens after a {prompt_length}-token prompt")
 
 
 def stop(state):

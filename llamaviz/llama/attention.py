@@ -35,8 +35,15 @@ def masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: f
     return scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
 
 
-def softmax_pattern(scores: torch.Tensor) -> torch.Tensor:
-    """scores [b, h, p, k] -> probabilities [b, h, p, k]: softmax in float32, cast back to the scores' dtype."""
+def softmax_pattern(scores: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """scores [b, h, p, k] -> probabilities [b, h, p, k]: softmax in float32, cast back to the scores' dtype.
+
+    in_place writes float32 probabilities over scores nobody else holds (same kernel, same bits): a
+    captured pattern then reuses the scores' memory instead of leaving a freed block of that size
+    beside it in the allocator's heap at every layer.
+    """
+    if in_place and scores.dtype == torch.float32 and not scores.requires_grad:
+        return torch.softmax(scores, dim=-1, out=scores)
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
 
@@ -45,7 +52,7 @@ def eager_attention(q, k, v, mask, scale, hook_scores: HookPoint, hook_pattern: 
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     scores = hook_scores(masked_scores(q, k, mask, scale))
-    pattern = hook_pattern(softmax_pattern(scores))  # [b, h, p, k]
+    pattern = hook_pattern(softmax_pattern(scores, in_place=not hook_scores.active))  # [b, h, p, k]
     return torch.matmul(pattern, v), pattern  # [b, h, p, d]
 
 

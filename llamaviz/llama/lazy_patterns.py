@@ -188,7 +188,7 @@ class LazyPatterns:
             mask = self.mask.rows(start, stop, key_stop).to(q.device)  # [b|1, 1, q, k]
             result = masked_scores(q, k, mask, self.scale)
             if kind == "pattern":
-                result = softmax_pattern(result)
+                result = softmax_pattern(result, in_place=True)  # the scores are this call's own
             elif kind != "attn_scores":
                 raise ValueError(f"kind must be 'pattern' or 'attn_scores', got {kind!r}")
         if head is not None:

@@ -603,3 +603,17 @@ def test_long_texts_export_html_but_refuse_a_full_pattern_png(long_session):
     assert is_error(message) and "whole [heads, T, T] pattern" in message and "HTML" in message
     html, message = handlers.export_html(state, "attention", *options)
     assert not is_error(message) and Path(html).read_text().count("max over") >= 1
+
+
+def test_the_status_line_follows_the_prompts_prefill_layer_by_layer(path, monkeypatch):
+    """Before the first new token the status counts the layers the prompt's forward has passed."""
+    monkeypatch.setattr(handlers, "STREAM_INTERVAL", 0.0)  # every update reaches the page
+    outputs = run_generate(app_state.BrowserState(), path, PROMPT * 4, max_new_tokens=2)
+    statuses = [out[1] for out in outputs if isinstance(out[1], str)]
+    layers = models.REGISTRY.get(path).config.num_hidden_layers
+    reading = [s for s in statuses if "Reading the" in s]
+    assert reading and all(f"of {layers}" in s and "-token prompt: layer " in s for s in reading)
+    counts = [int(s.split("layer ")[1].split(" of")[0]) for s in reading]
+    assert counts == sorted(counts) and counts[-1] < layers
+    after = statuses[statuses.index(reading[-1]) + 1:]
+    assert after[0].startswith('<div class="lv-status lv-info">Generating: up to 2 tokens') and "Done" in after[-1]

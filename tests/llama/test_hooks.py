@@ -216,3 +216,15 @@ def test_generate_with_cache_equals_run_with_cache_of_the_sequence(pair):
         assert_close(cache[name], reference[name], atol=1e-5, rtol=0, msg=name)
     with pytest.raises(MemoryError, match="MiB"):
         ours.generate_with_cache(prompt, max_new_tokens=6, memory_budget=10)
+
+
+def test_the_pattern_reuses_the_scores_memory_unless_the_scores_are_held(pair, ids):
+    """Softmax in place over scores nobody holds (same bits as a fresh softmax); captured scores stay scores."""
+    _, ours = pair
+    with torch.no_grad():
+        _, both = ours.run_with_cache(ids, names_filter=["blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern"])
+        _, alone = ours.run_with_cache(ids, names_filter=["blocks.1.attn.hook_pattern"])
+    scores, pattern = both["blocks.1.attn.hook_attn_scores"], both["blocks.1.attn.hook_pattern"]
+    assert scores.data_ptr() != pattern.data_ptr() and (scores < 0).any()
+    assert torch.equal(torch.softmax(scores, dim=-1, dtype=torch.float32), pattern)
+    assert torch.equal(alone["blocks.1.attn.hook_pattern"], pattern)
