@@ -131,10 +131,21 @@ def saliency_html(run: Run, index, method: str) -> str:
     result = input_attribution(run, index, method)
     note = ""
     if result.convergence_delta is not None:
-        note = (f'<div class="llamaviz-legend">integrated gradients, {IG_STEPS} steps: the scores sum to '
-                f"{float(result.scores.sum()):.4f}, off by {float(result.convergence_delta[0]):.2g} from "
-                "f(input) − f(baseline)</div>")
+        note = f'<div class="llamaviz-legend">{completeness_note(result)}</div>'
+
     return figures.saliency_html(run.tokens[:index], result.scores[0], method, run.tokens[index]) + note
+
+
+def completeness_note(result: attribution.InputAttribution) -> str:
+    """How far integrated gradients' scores are from summing to f(input) − f(baseline), and what that means."""
+    total, change = float(result.scores.sum()), float(result.value[0] - result.baseline_value[0])
+    gap = abs(total - change) / max(abs(change), 1e-12)
+    note = (f"integrated gradients, {IG_STEPS} steps: the scores sum to {total:.4f}, f(input) − f(baseline) is "
+            f"{change:.4f} (gap {gap:.1%})")
+    if gap > 0.01:
+        note += (". Not converged: from zero embeddings this model's output swings at every scale along the "
+                 "path (each RMSNorm divides a tiny input by √eps), so read these scores as a rough ranking")
+    return note
 
 
 def flow_graph(run: Run, index, threshold) -> flow.FlowGraph:
