@@ -23,7 +23,7 @@ from plotly.subplots import make_subplots
 from llamaviz import analysis, plots, readouts
 from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.llama.masks import build_mask
-from llamaviz.plots.tokens import display_token
+from llamaviz.plots.tokens import display_token, token_labels
 from llamaviz.terminal import render_html
 
 from . import long_views, payload
@@ -186,7 +186,7 @@ def score_note(run: Run, score: str) -> str:
 def mask_html(run: Run) -> str:
     """The causal mask of the run's tokens from build_mask, as the terminal prints it (escaped <pre>)."""
     def compute() -> str:
-        tokens = run.tokens
+        tokens = token_labels(run.entry.tokenizer, run.ids[0].tolist())  # '␣John', as the terminal labels rows
         window = run.entry.config.sliding_window
         mask = build_mask(len(tokens), sliding_window=window)  # [1, 1, T, T]
         info = [f"{len(tokens)} tokens: {run.prompt_length} from the prompt, {run.new_tokens} generated",

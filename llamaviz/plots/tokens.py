@@ -29,6 +29,17 @@ def display_token(token: str) -> str:
     return _BYTE_TOKENS.get(token) or token.translate(_WHITESPACE)
 
 
+def token_labels(tokenizer, ids: Sequence[int], raw_tokens: bool = False) -> list[str]:
+    """Each token's text with whitespace marked (the tokenizer's display_tokens, else decode, through
+    display_token), or with raw_tokens the vocabulary's pieces: the terminal's and the mask tab's labels."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if raw_tokens and convert is not None:
+        return [str(t) for t in convert(list(ids))]
+    display = getattr(tokenizer, "display_tokens", None)
+    texts = display(list(ids)) if display is not None else [tokenizer.decode([i]) for i in ids]
+    return [display_token(text) for text in texts]
+
+
 def shorten(text: str, limit: int) -> str:
     """`text` cut to `limit` characters, ending in "…" when cut (long special tokens, URLs)."""
     return text if len(text) <= limit else text[: limit - 1] + "…"

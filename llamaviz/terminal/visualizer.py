@@ -165,17 +165,11 @@ class AttentionMaskVisualizer:
         return [int(i) for i in ids]
 
     def _token_labels(self, ids: list[int], raw_tokens: bool) -> list[str]:
-        """Row labels: each token's text with whitespace marked (plots.tokens.display_token over the
-        tokenizer's display_tokens, the app's rule), or with raw_tokens the vocabulary's pieces. The
-        renderer prints them with repr(), which escapes control characters."""
-        from llamaviz.plots.tokens import display_token
+        """Row labels (plots.tokens.token_labels); the renderer prints them with repr(), which escapes
+        control characters."""
+        from llamaviz.plots.tokens import token_labels
 
-        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
-        if raw_tokens and convert is not None:
-            return [str(t) for t in convert(ids)]
-        display = getattr(self.tokenizer, "display_tokens", None)
-        texts = display(ids) if display is not None else [self.tokenizer.decode([i]) for i in ids]
-        return [display_token(text) for text in texts]
+        return token_labels(self.tokenizer, ids, raw_tokens)
 
     def _pad_id(self) -> int:
         """The tokenizer's pad token, else the config's, else eos, else 0 (masked out either way)."""

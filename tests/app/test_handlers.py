@@ -345,6 +345,8 @@ def test_mask_tab_prints_the_causal_mask_of_every_token(session):
     text = views.mask_html(run)
     rows = [line for line in text.splitlines() if line.count("■") + line.count("⬚") == len(run.tokens)]
     assert [row.count("■") for row in rows] == list(range(1, len(run.tokens) + 1))
+    assert "&#x27;␣cat&#x27;" in text or "'␣cat'" in text  # rows read as text, as in the terminal
+    assert "Ġ" not in text
 
 
 def test_after_a_generation_every_view_is_drawn_once_and_an_error_stays_visible(session, path):
