@@ -21,7 +21,8 @@ from llamaviz.checkpoints import (
     save_pretrained,
 )
 from llamaviz.checkpoints import quants
-from llamaviz.checkpoints.gguf import gguf_metadata, llama3_rope_factors, open_gguf, read_gguf_header
+from llamaviz.checkpoints.gguf import llama3_rope_factors
+from llamaviz.checkpoints.gguf_header import gguf_metadata, open_gguf, read_gguf_header
 from llamaviz.llama.heads import LlamaForQuestionAnswering, LlamaForSequenceClassification
 from llamaviz.llama.modeling import LlamaForCausalLM, LlamaModel
 

@@ -230,7 +230,7 @@ def test_pre_tokenizer_table_matches_transformers():
 
 def test_gguf_with_split_pre_tokenizer_and_bos_matches_transformers(default_gguf, tmp_path):
     """A byte-level GGUF whose pre type has its own split regex ("llama-bpe") and add_bos_token set."""
-    from llamaviz.checkpoints.gguf import gguf_metadata
+    from llamaviz.checkpoints.gguf_header import gguf_metadata
 
     metadata = gguf_metadata(default_gguf)
     tokens, types = metadata["tokenizer.ggml.tokens"][:6000], metadata["tokenizer.ggml.token_type"][:6000]

@@ -5,13 +5,8 @@ model built on the meta device from that stream; save_pretrained writes a folder
 """
 
 from llamaviz.checkpoints.base import Checkpoint, TensorInfo, permute_rope_rows, unpermute_rope_rows
-from llamaviz.checkpoints.loading import (
-    ProgressBar,
-    load_pretrained,
-    open_checkpoint,
-    resolve_device,
-    resolve_dtype,
-)
+from llamaviz.checkpoints.loading import load_pretrained, open_checkpoint
+from llamaviz.checkpoints.options import ProgressBar, resolve_device, resolve_dtype
 from llamaviz.checkpoints.saving import save_pretrained
 
 __all__ = [

@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 
@@ -23,12 +21,10 @@ from llamaviz.checkpoints.base import Checkpoint
 from llamaviz.checkpoints.gguf import GGUFCheckpoint
 from llamaviz.checkpoints.hf import open_hf_folder
 from llamaviz.checkpoints.meta import MetaCheckpoint
+from llamaviz.checkpoints.options import ProgressBar, resolve_device, resolve_dtype
 from llamaviz.checkpoints.paths import ACCEPTED, checkpoint_kind
 from llamaviz.llama.config import LlamaConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
-DEVICE_TYPES = ("cpu", "cuda", "mps")
 PROGRESS_MIN_BYTES = 500_000_000  # a bar is drawn above this many bytes unless asked otherwise
 _IGNORED_UNEXPECTED = re.compile(r"(^|\.)inv_freq$")  # RoPE tables older checkpoints saved; recomputed
 _NEW_HEADS = ("score.", "qa_outputs.")  # task heads a base checkpoint lacks: initialised fresh
@@ -57,52 +53,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(f.name for f in ggufs)}); "
                          "pass the path of the one to load")
     return GGUFCheckpoint(ggufs[0])
-
-
-def resolve_dtype(dtype=None, checkpoint: Checkpoint | None = None) -> torch.dtype:
-    """float32 | bfloat16 | float16 from a torch dtype or its name; None or "auto" -> the checkpoint's own dtype."""
-    if dtype is None or dtype == "auto":
-        own = checkpoint.source_dtype if checkpoint is not None else torch.float32
-        return own if own in DTYPES.values() else torch.float32
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        name = _DTYPE_ALIASES.get(name, name)
-        if name in DTYPES:
-            return DTYPES[name]
-    elif isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    raise ValueError(f"dtype {dtype!r} is not supported; accepted: torch.float32, torch.bfloat16, torch.float16, "
-                     "their names ('float32', 'bfloat16', 'float16'), or None/'auto' for the checkpoint's own dtype")
-
-
-def resolve_device(device=None) -> torch.device:
-    """torch.device from "cpu" | "cuda" | "cuda:N" | "mps" | "auto" (cuda, mps, cpu) | int N (cuda:N) | None (cpu)."""
-    if device is None:
-        return torch.device("cpu")
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        resolved = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    except (RuntimeError, TypeError):
-        resolved = None
-    if resolved is None or resolved.type not in DEVICE_TYPES:
-        raise ValueError(f"device {device!r} is not supported; accepted: 'cpu', 'cuda', 'cuda:N', 'mps', 'auto', "
-                         "an int N (cuda:N) or None (cpu)")
-    _check_available(resolved)
-    return resolved
-
-
-def _check_available(device: torch.device) -> None:
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA "
-                             "device(s) exist")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' requested but MPS is not available; use 'cpu' or 'auto'")
 
 
 def load_pretrained(model_class, path, dtype=None, device=None, attn_implementation: str = "sdpa",
@@ -391,31 +341,3 @@ def _init_new_heads(targets: dict, keys: list[str], std: float) -> None:
                 targets[key].zero_()
             else:
                 targets[key].normal_(mean=0.0, std=std)
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr: `Loading x.gguf [#####.....] 52% 51/98 MB`."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True, width: int = 30, stream=None, callback=None):
-        self.total, self.label, self.enabled, self.width = max(total, 1), label, enabled, width
-        self.callback = callback  # fn(fraction, text), told of every update
-        self.stream = stream or sys.stderr
-        self.done, self._last_draw = 0, 0.0
-
-    def update(self, amount: int) -> None:
-        self.done += amount
-        if self.callback is not None:
-            self.callback(min(self.done / self.total, 1.0),
-                          f"{self.label}: {self.done >> 20}/{self.total >> 20} MB")
-        now = time.monotonic()
-        if self.enabled and (now - self._last_draw > 0.1 or self.done >= self.total):
-            self._last_draw = now
-            filled = self.width * min(self.done, self.total) // self.total
-            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
-                              f"{100 * self.done // self.total:3d}% {self.done >> 20}/{self.total >> 20} MB")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()

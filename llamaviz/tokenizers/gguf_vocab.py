@@ -42,7 +42,7 @@ PRE_TOKENIZER_SPLITS = {
 
 def read_tokenizer_fields(path: str | Path) -> dict[str, Any]:
     """The `tokenizer.*` metadata of a GGUF file (llamaviz's header parser: ~0.1 s for 49k tokens + merges)."""
-    from llamaviz.checkpoints.gguf import gguf_metadata
+    from llamaviz.checkpoints.gguf_header import gguf_metadata
 
     return {key: value for key, value in gguf_metadata(path).items() if key.startswith("tokenizer.")}
 
