@@ -19,6 +19,8 @@ _LAZY = {
     "LlamaForSequenceClassification": "llamaviz.llama.heads",
     "LlamaForTokenClassification": "llamaviz.llama.heads",
     "LlamaForQuestionAnswering": "llamaviz.llama.heads",
+    **{f"{family}{head}": "llamaviz.llama.variant_heads" for family in ("Mistral", "Qwen2", "Qwen3")
+       for head in ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")},
     "AttentionMaskVisualizer": "llamaviz.terminal",
     "pipeline": "llamaviz.pipelines",  # the module is plural, as in transformers, so it never shadows this
     "TextStreamer": "llamaviz.streamers",

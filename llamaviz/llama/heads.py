@@ -26,11 +26,12 @@ class LlamaHeadModel(LlamaPreTrainedModel):
     """LlamaModel under `base_model_prefix` + one linear head whose output passes `hook_logits`."""
 
     base_model_prefix = "model"
+    base_model_class: type[LlamaModel] = LlamaModel  # a family's head (llama.variant_heads) swaps in its own
 
     def __init__(self, config: LlamaConfig, attn_implementation: str = "sdpa"):
         super().__init__()
         self.config = config
-        setattr(self, self.base_model_prefix, LlamaModel(config, attn_implementation))
+        setattr(self, self.base_model_prefix, self.base_model_class(config, attn_implementation))
         self.hook_logits = HookPoint()  # [b, p, n] the head's output at every position
 
     @property

@@ -64,16 +64,22 @@ class Qwen3Model(LlamaModel):
     attention_class = Qwen3Attention
 
 
+def check_family_config(model, config: LlamaConfig) -> None:
+    """A family member's class (causal LM or task head) needs a config of its family's config class."""
+    wanted = model.config_class
+    if not isinstance(config, wanted):
+        raise ValueError(f"{type(model).__name__} needs a {wanted.__name__} (model_type {wanted.model_type!r}), got "
+                         f"a {type(config).__name__} (model_type {config.model_type!r}); AutoModelForCausalLM "
+                         "picks the class for a config")
+
+
 class _VariantForCausalLM(LlamaForCausalLM):
     """A family member's causal LM: checks that its config is of the variant's config class."""
 
     config_class: type[LlamaConfig] = LlamaConfig
 
     def __init__(self, config: LlamaConfig, attn_implementation: str = "sdpa"):
-        if not isinstance(config, self.config_class):
-            raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__} "
-                             f"(model_type {self.config_class.model_type!r}), got a {type(config).__name__} "
-                             f"(model_type {config.model_type!r}); AutoModelForCausalLM picks the class for a config")
+        check_family_config(self, config)
         super().__init__(config, attn_implementation)
 
 
