@@ -122,10 +122,11 @@ def head_scores(cache: ActivationCache, tokens: torch.Tensor | None = None, kind
     tokens = tokens[None] if tokens is not None and tokens.dim() == 1 else tokens
     layers = cache._num_layers()
     rows: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
-    pair_plans = {}
+    pair_plans = None  # made at the first layer scored without patterns, then shared by all
     for layer in range(layers):
         if cache.lazy is not None and causal_scores.applies(cache.lazy, layer):  # no pattern built at all
-            pair_plans = pair_plans or _pair_plans(kinds, tokens, cache.lazy.mask.query_length)
+            if pair_plans is None:
+                pair_plans = _pair_plans(kinds, tokens, cache.lazy.mask.query_length)
             for kind, value in causal_scores.layer_scores(cache.lazy, layer, kinds, pair_plans).items():
                 rows[kind].append(value)
             if progress is not None:
@@ -155,7 +156,7 @@ def _pair_plans(kinds, tokens, p: int) -> dict:
                 raise ValueError(f"the {kind} score needs tokens [b, p] with p == keys ({p}); got "
                                  f"{None if tokens is None else tuple(tokens.shape)}")
             plans[kind] = causal_scores.plans(kind, tokens)
-    return plans or {"": []}  # not empty: made once
+    return plans
 
 
 def _query_count(cache: ActivationCache, layer: int) -> int:
