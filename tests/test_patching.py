@@ -219,3 +219,20 @@ def test_a_permanent_hook_keeps_every_copy_whole(setup):
         ours.reset_hooks()
     assert all(shape[1] == corrupted.shape[1] for shape in seen)
     assert_close(with_hook, without, atol=1e-5, rtol=0)
+
+
+def test_packed_forwards_are_bounded_and_give_the_same_numbers(setup, monkeypatch):
+    """With at most 7 packed rows per forward (a copy of 6 positions fits, two do not) the sweeps split
+    into more forwards and return the same numbers."""
+    from llamaviz.patching import sweeps
+
+    ours, _, _, corrupted, clean_cache, _ = setup
+    whole = patching.get_act_patch_attn_head_v_by_pos(ours, corrupted, clean_cache, every_position_metric)
+    seen = []
+    original = sweeps._packed_copies
+    monkeypatch.setattr(sweeps, "PACKED_ROWS", 7)
+    monkeypatch.setattr(sweeps, "_packed_copies", lambda *args, **kw: seen.append(
+        sum(corrupted.shape[1] - cell[0] for cell in args[5])) or original(*args, **kw))
+    split = patching.get_act_patch_attn_head_v_by_pos(ours, corrupted, clean_cache, every_position_metric)
+    assert max(seen) <= 7 and len(seen) > ours.config.num_hidden_layers
+    assert_close(split, whole, atol=1e-5, rtol=0)

@@ -25,6 +25,7 @@ from .suffix import CorruptedRun, copy_logits, packed_logits, suffix_start
 Progress = Callable[[int, int], None]  # progress(done, total); raise from it to stop a sweep
 LOGITS_BYTES_PER_FORWARD = 512 * 2**20  # cap on the logits one batched forward produces
 MAX_ROWS_PER_FORWARD = 256  # and on the copies one forward carries (activations grow with them)
+PACKED_ROWS = 2048  # and on the positions of packed suffixes in one forward
 
 
 def check_scalar(value, where: str = "metric") -> torch.Tensor:
@@ -85,19 +86,34 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     report = progress_reporter(progress, layers * len(cells), kind)
     keep = 1 if last_position_only else 0  # logits_to_keep: 0 = every position
     rows, done = _rows_per_forward(model, tokens, keep), 0
-    patch = _packed_copies if _can_pack(model, spec) else _patched_copies
+    packed = _can_pack(model, spec)
+    patch = _packed_copies if packed else _patched_copies
     for layer in range(layers):
         name = get_act_name(spec.act, layer)
         if name not in clean_cache:
             raise KeyError(f"the clean cache has no {name!r}: run_with_cache the clean prompt with that hook point")
         clean = clean_cache[name].to(run.resid[layer].device)
-        for start in range(0, len(cells), rows):
-            chunk = cells[start:start + rows]
+        for chunk in _chunks(cells, rows, spec, tokens.shape[1], packed):
             for cell, logits in zip(chunk, patch(model, run, layer, name, spec, chunk, clean, keep)):
                 result[(layer, *cell)] = check_scalar(patching_metric(logits)).float()
             done += len(chunk)
             report(done)
     return result
+
+
+def _chunks(cells: list, rows: int, spec: PatchKind, length: int, packed: bool):
+    """The cells in groups of one forward: at most `rows` copies; packed, also at most PACKED_ROWS suffix rows
+    (the packed sequence's attention grows with its square), though never less than one copy."""
+    chunk, packed_rows = [], 0
+    for cell in cells:
+        size = length - suffix_start(spec.axes, cell) if packed else 0
+        if chunk and (len(chunk) == rows or packed_rows + size > PACKED_ROWS):
+            yield chunk
+            chunk, packed_rows = [], 0
+        chunk.append(cell)
+        packed_rows += size
+    if chunk:
+        yield chunk
 
 
 def _can_pack(model, spec: PatchKind) -> bool:
