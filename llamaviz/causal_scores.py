@@ -50,22 +50,13 @@ class PairPlan:
         """Pair query i with key j when j < i and key_labels[j] == query_tokens[i]."""
         self.big: list[tuple[torch.Tensor, torch.Tensor]] = []  # (query positions, key positions) per token
         small_q, small_k = [], []
-        order_q, order_k = query_tokens.argsort(stable=True), key_labels.argsort(stable=True)
-        values_q, counts_q = query_tokens[order_q].unique_consecutive(return_counts=True)
-        values_k, counts_k = key_labels[order_k].unique_consecutive(return_counts=True)
-        starts_q = dict(zip(values_q.tolist(), (counts_q.cumsum(0) - counts_q).tolist()))
-        starts_k = dict(zip(values_k.tolist(), (counts_k.cumsum(0) - counts_k).tolist()))
-        count_q, count_k = dict(zip(values_q.tolist(), counts_q.tolist())), dict(zip(values_k.tolist(), counts_k.tolist()))
-        for value in starts_q.keys() & starts_k.keys():
-            queries = order_q[starts_q[value]:starts_q[value] + count_q[value]]
-            keys = order_k[starts_k[value]:starts_k[value] + count_k[value]]
+        for queries, keys in _positions_by_value(query_tokens, key_labels).values():
             if queries.max() <= keys.min():
                 continue  # no key before any of these queries
             if len(queries) * len(keys) > BIG_GROUP:
                 self.big.append((queries, keys))
                 continue
-            qi, kj = torch.cartesian_prod(queries, keys).unbind(-1) if len(queries) * len(keys) > 1 else (
-                queries, keys)
+            qi, kj = (grid.flatten() for grid in torch.meshgrid(queries, keys, indexing="ij"))
             keep = kj < qi
             small_q.append(qi[keep])
             small_k.append(kj[keep])
@@ -91,6 +82,17 @@ class PairPlan:
             per_query.index_add_(1, queries, weights.sum(-1))
             has_key[queries[earlier.any(-1)]] = True
         return per_query.sum(-1), int(has_key.sum())
+
+
+def _positions_by_value(query_tokens: torch.Tensor, key_labels: torch.Tensor) -> dict:
+    """value -> (positions of the queries holding it, positions of the keys labelled with it), for values in both."""
+    groups = []
+    for values in (query_tokens, key_labels):
+        order = values.argsort(stable=True)
+        distinct, counts = values[order].unique_consecutive(return_counts=True)
+        groups.append(dict(zip(distinct.tolist(), order.split(counts.tolist()))))
+    queries, keys = groups
+    return {value: (queries[value], keys[value]) for value in queries.keys() & keys.keys()}
 
 
 def plans(kind: str, tokens: torch.Tensor) -> list[PairPlan]:

@@ -127,11 +127,11 @@ class Generation:
                     break
             prefill = next((piece for piece in reversed(pieces) if isinstance(piece, Prefill)), None)
             text += "".join(piece for piece in pieces if isinstance(piece, str))
-            if pieces[-1] is _DONE:
-                if len(pieces) > 1:
-                    yield text, prefill
+            done = pieces[-1] is _DONE
+            if len(pieces) > done:  # something came besides the end marker
+                yield text, prefill
+            if done:
                 break
-            yield text, prefill
         self.thread.join()
 
     def to_run(self, prompt: str, model_input: str, continuation: str) -> Run:
