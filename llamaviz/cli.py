@@ -137,14 +137,14 @@ def run_mask(args) -> int:
 
 
 def run_generation(args) -> int:
-    import llamaviz
-    from llamaviz.streamers import TextStreamer
+    from llamaviz.run.loading import load
+    from llamaviz.run.streamers import TextStreamer
 
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     placement = {"tp_plan": "auto"} if _tensor_parallel() else {"device": args.device}  # under torchrun: sharded
-    model, tokenizer = llamaviz.load(_model_path(args.model), dtype=None if args.dtype == "auto" else args.dtype,
-                                     **placement)
+    model, tokenizer = load(_model_path(args.model), dtype=None if args.dtype == "auto" else args.dtype,
+                            **placement)
     model.eval()
     printing = _rank() == 0  # under torchrun rank 0 reads stdin and prints; the others follow its prompts
     if printing and sys.stdin.isatty():
@@ -206,7 +206,7 @@ def _prompt_lines():
     """stdin's lines; under torchrun rank 0's lines, sent to every rank."""
     if not _tensor_parallel():
         return sys.stdin
-    from llamaviz.llama.parallel_requests import rank0_items
+    from llamaviz.distributed.requests import rank0_items
 
     return rank0_items(sys.stdin if _rank() == 0 else ())
 

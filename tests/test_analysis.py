@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llamaviz.analysis import (detect_heads, duplicate_token_scores, head_entropy, induction_scores,
+from llamaviz.interpret.detectors import (detect_heads, duplicate_token_scores, head_entropy, induction_scores,
                                previous_token_scores, repeated_random_tokens, sink_scores)
-from llamaviz.interventions import ablate_heads
+from llamaviz.interpret.interventions import ablate_heads
 from tiny import hf_and_ours
 
 
@@ -79,7 +79,7 @@ def brute_force_scores(patterns: torch.Tensor, tokens: torch.Tensor) -> dict[str
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_head_scores_in_chunks_on_lazy_patterns_equal_the_brute_force(padded):
-    from llamaviz.analysis import head_scores, stack_patterns
+    from llamaviz.interpret.detectors import head_scores, stack_patterns
 
     _, ours = hf_and_ours("gqa")
     tokens = repeated_random_tokens(113, length=6, batch=2, bos_token_id=1)  # [2, 13]
@@ -105,7 +105,7 @@ def test_scores_without_patterns_equal_the_brute_force_with_many_repeated_tokens
     """Five distinct tokens over 150 positions: most (query, key) pairs go through the per-token matmuls
     (causal_scores.BIG_GROUP), the rest through gathered pairs; also the blockwise log-sum-exp used off CPU."""
     from llamaviz import causal_scores
-    from llamaviz.analysis import head_scores, stack_patterns
+    from llamaviz.interpret.detectors import head_scores, stack_patterns
 
     _, ours = hf_and_ours("gqa", max_position_embeddings=256)
     tokens = torch.randint(3, 8, (2, 150), generator=torch.Generator().manual_seed(2))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llamaviz.llama import LlamaConfig, LlamaForCausalLM
-from llamaviz.llama.placement import _to, plan_placement
+from llamaviz.distributed.placement import _to, plan_placement
 from tiny import config_kwargs
 
 IDS = torch.tensor([[5, 17, 33, 2, 48, 9, 71, 12]])  # [1, p]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llamaviz.generation import generate
-from llamaviz.streamers import TextIteratorStreamer, TextStreamer
+from llamaviz.run.generation import generate
+from llamaviz.run.streamers import TextIteratorStreamer, TextStreamer
 from tiny import hf_and_ours
 
 

@@ -64,7 +64,7 @@ def test_enable_offline_inlines_plotlyjs_once_in_ipython(monkeypatch):
     scripts, bundles = [], []
     monkeypatch.setattr("IPython.display.display_html", lambda html, raw: scripts.append(html))
     monkeypatch.setattr("IPython.display.display", lambda bundle, raw: bundles.append(bundle))
-    monkeypatch.setattr(notebook, "_offline_ready", False)
+    monkeypatch.setattr(notebook.runs, "_offline_ready", False)
     monkeypatch.setattr(pio.renderers, "default", pio.renderers.default)
     assert notebook.enable_offline() is False               # no IPython shell: nothing to do
     InteractiveShell.instance()

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from llamaviz.llama import LlamaConfig, LlamaForCausalLM
-from llamaviz.llama.parallel import check_tp
+from llamaviz.distributed.parallel import check_tp
 from tiny import config_kwargs
 
 WORKER = Path(__file__).with_name("tp_worker.py")

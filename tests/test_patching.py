@@ -172,7 +172,7 @@ def test_copies_started_at_their_position_equal_brute_force_hooks(case):
     (each copy from its patched position on, the corrupted keys before it) equal one hooked forward per cell."""
     from tiny_variants import hf_and_ours as variant
 
-    from llamaviz.patching import sweeps
+    from llamaviz.interpret.patching import sweeps
 
     _, model = variant(case)
     clean = torch.randint(3, 113, (2, 8), generator=torch.Generator().manual_seed(5))
@@ -206,7 +206,7 @@ def _hooked_metric(model, corrupted, clean_cache, name, where) -> tuple[torch.Te
 
 def test_a_permanent_hook_keeps_every_copy_whole(setup):
     """A hook the user attached sees full-length copies: the sweep then runs each copy from position 0."""
-    from llamaviz.patching import sweeps
+    from llamaviz.interpret.patching import sweeps
 
     ours, _, _, corrupted, clean_cache, _ = setup
     without = patching.get_act_patch_resid_pre(ours, corrupted, clean_cache, every_position_metric)
@@ -224,7 +224,7 @@ def test_a_permanent_hook_keeps_every_copy_whole(setup):
 def test_packed_forwards_are_bounded_and_give_the_same_numbers(setup, monkeypatch):
     """With at most 7 packed rows per forward (a copy of 6 positions fits, two do not) the sweeps split
     into more forwards and return the same numbers."""
-    from llamaviz.patching import sweeps
+    from llamaviz.interpret.patching import sweeps
 
     ours, _, _, corrupted, clean_cache, _ = setup
     whole = patching.get_act_patch_attn_head_v_by_pos(ours, corrupted, clean_cache, every_position_metric)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llamaviz
-from llamaviz.pipelines import pipeline
+from llamaviz.run.pipelines import pipeline
 
 PROMPT = "Plants create energy through a process known as"
 # A small Llama-2-style template (the fixture tokenizer ships none); the same text for both libraries.
@@ -149,6 +149,6 @@ def test_default_model_when_no_model_is_given(default_gguf):
 
 
 def test_llamaviz_pipeline_is_the_function_even_after_importing_the_module():
-    import llamaviz.pipelines  # noqa: F401
+    import llamaviz.run.pipelines  # noqa: F401
 
     assert llamaviz.pipeline is pipeline

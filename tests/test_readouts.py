@@ -1,4 +1,4 @@
-"""llamaviz.readouts and llamaviz.pairs on tiny random configs, against brute-force computations from the
+"""llamaviz.interpret.readouts and llamaviz.interpret.pairs on tiny random configs, against brute-force computations from the
 model's own logits and hand-written hooks."""
 
 import numpy as np

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from llamaviz.tokenizer import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast
+from llamaviz.tokenizers import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast
 
 transformers = pytest.importorskip("transformers")
 

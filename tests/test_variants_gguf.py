@@ -185,7 +185,7 @@ def test_terminal_notebook_app_analysis_and_patching_run_unchanged_on_a_qwen3_fo
 
     from llamaviz import analysis, notebook
     from llamaviz.app.models import ModelRegistry
-    from llamaviz.interventions import ablate_heads
+    from llamaviz.interpret.interventions import ablate_heads
     from llamaviz.terminal import AttentionMaskVisualizer
 
     folder = tmp_path / "qwen3"

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamaviz.interventions import ablate_heads, patch_activation, steer  # noqa: E402
+from llamaviz.interpret.interventions import ablate_heads, patch_activation, steer  # noqa: E402
 from llamaviz.llama import LlamaForCausalLM  # noqa: E402
 
 PROMPT = [[5, 17, 33, 2, 48, 9, 71, 12]]  # [1, p] ids inside every vocabulary used here
@@ -71,7 +71,7 @@ def seen_by_hooks(model, ids) -> dict:
 
 def led_by_rank0(model) -> dict[str, torch.Tensor]:
     """What the web app does, with only rank 0 calling the model: capture while generating, then an ablation."""
-    from llamaviz.llama.parallel_requests import follow, lead, stop_followers
+    from llamaviz.distributed.requests import follow, lead, stop_followers
 
     if torch.distributed.get_rank() != 0:
         follow(model)

@@ -3,6 +3,8 @@
 layout.py lays the page out and wires events; handlers.py holds the thin event handlers; state.py
 the per-browser state; models.py the process-wide model cache; views.py, intervene.py and
 export.py compute what the tabs show from a run's activations.
+
+May import: every layer below it (llama .. notebook, except notebook itself, which it does not use).
 """
 
 from __future__ import annotations
@@ -28,15 +30,15 @@ def build_app(model_path: str | None = None):
     Serve it with `launch()`: under Gradio 6 the css, the head-grid click script, the theme and
     run_history=False are launch() arguments (layout.style_arguments("launch")).
     """
-    from .layout import build
+    from llamaviz.app.layout import build
 
     return build(None if model_path is None else str(model_path))
 
 
 def launch(model_path: str | None = None, host: str = "127.0.0.1", port: int = 7860, **launch_kwargs):
     """Build and serve the app on host:port (local only by default; never shared through Gradio's tunnel)."""
-    from .layout import style_arguments
-    from .models import REGISTRY
+    from llamaviz.app.layout import style_arguments
+    from llamaviz.app.models import REGISTRY
 
     release_freed_memory()
     demo = build_app(model_path)

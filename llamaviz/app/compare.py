@@ -1,6 +1,6 @@
 """Compare & patch: the run's prompt (clean) against a corrupted prompt of the same token length.
 
-Patching sweeps come from llamaviz.pairs (itself llamaviz.patching) and hold the model's lock while
+Patching sweeps come from llamaviz.interpret.pairs (itself llamaviz.interpret.patching) and hold the model's lock while
 they run; a page's results and its Stop flag live in its own `Workbench` (a gr.State), so two pages
 patching at once never see each other's numbers. The side-by-side view reruns both prompts once
 (clean and corrupted caches, memoised on the workbench).
@@ -12,13 +12,13 @@ import json
 import threading
 import torch
 
-from llamaviz import pairs, readouts
+from llamaviz.interpret import pairs, readouts
 from llamaviz.plots import analysis as figures
 from llamaviz.plots.tokens import display_token, position_labels
 
-from .explain import single_token
-from .generating import encode_prompt
-from .state import Run
+from llamaviz.app.explain import single_token
+from llamaviz.app.generating import encode_prompt
+from llamaviz.app.state import Run
 
 MODES = ("exact", "attribution", "both")
 # A worked indirect-object pair: the clean prompt says who gets the drink, the corrupted one swaps the giver.
@@ -216,7 +216,7 @@ def parse_positions(text, length: int) -> list[int] | None:
 
 def patch_one(bench: Workbench, run: Run, name: str, positions_text: str) -> str:
     """The clean run with one activation from the corrupted run: its logit difference and normalised metric."""
-    from llamaviz.interventions import patch_activation
+    from llamaviz.interpret.interventions import patch_activation
 
     r = bench.result
     if r is None:

@@ -1,8 +1,8 @@
 """Explaining one token of a run: direct logit attribution, input attribution and information flow.
 
 The token picked at index t (1..T-1 of prompt + continuation) was predicted at position t-1, so each
-view explains ids[t] from the activations at t-1. The numbers come from llamaviz.readouts,
-llamaviz.attribution and llamaviz.flow; this module only picks inputs, holds the model's lock while
+view explains ids[t] from the activations at t-1. The numbers come from llamaviz.interpret.readouts,
+llamaviz.interpret.attribution and llamaviz.interpret.flow; this module only picks inputs, holds the model's lock while
 a forward runs, and memoises on the run.
 """
 
@@ -12,13 +12,13 @@ import html
 
 import torch
 
-from llamaviz import attribution, flow, readouts
+from llamaviz.interpret import attribution, flow, readouts
 from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.plots import analysis as figures
 from llamaviz.plots.tokens import display_token, position_labels
 
-from . import views
-from .state import LIVE_RUNS, Run
+from llamaviz.app import views
+from llamaviz.app.state import LIVE_RUNS, Run
 
 IG_STEPS = 32  # integrated-gradients points in the app (the latency target is set for 32)
 METHODS = {"integrated gradients": "integrated_gradients", "input x gradient": "input_x_gradient",

@@ -17,8 +17,8 @@ import plotly.io as pio
 
 from llamaviz import plots
 
-from . import files, long_views, views
-from .state import Run
+from llamaviz.app import files, long_views, views
+from llamaviz.app.state import Run
 
 FIGURES = ("attention", "head grid", "head overview", "logit lens", "tokens", "residual norms")
 FORMATS = ("png", "html")

@@ -1,6 +1,6 @@
 """Generation for the app: encode and check the prompt, decode in a worker thread, stream the text.
 
-The worker runs `llamaviz.generation.generate_with_cache` under the model's lock (its capture
+The worker runs `llamaviz.run.generation.generate_with_cache` under the model's lock (its capture
 hooks attach to the shared model) and hands each decoded piece to a queue the handler reads.
 """
 
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from llamaviz.generation import generate_with_cache
-from llamaviz.streamers import TextStreamer
+from llamaviz.run.generation import generate_with_cache
+from llamaviz.run.streamers import TextStreamer
 
-from .models import ModelEntry
-from .run_stats import RunStats, kept_names
-from .state import CAPTURE_PATTERNS, Run, Settings
+from llamaviz.app.models import ModelEntry
+from llamaviz.app.run_stats import RunStats, kept_names
+from llamaviz.app.state import CAPTURE_PATTERNS, Run, Settings
 
 MAX_PROMPT_CHARS = 100_000  # refuse before tokenizing (8,192 tokens of text take far fewer characters)
 _DONE = object()

@@ -12,10 +12,10 @@ import time
 
 import gradio as gr
 
-from . import export, intervene, long_views, views
-from .generating import Generation, encode_prompt, has_chat_template, token_budget
-from .models import REGISTRY
-from .state import BrowserState, Settings, release_state, trim_heap
+from llamaviz.app import export, intervene, long_views, views
+from llamaviz.app.generating import Generation, encode_prompt, has_chat_template, token_budget
+from llamaviz.app.models import REGISTRY
+from llamaviz.app.state import BrowserState, Settings, release_state, trim_heap
 
 log = logging.getLogger("llamaviz.app")
 USER_ERRORS = (ValueError, KeyError, IndexError, MemoryError, FileNotFoundError, OSError, NotImplementedError)

@@ -1,6 +1,6 @@
 """Head ablation on the current tokens: one forward with and one without hooks on hook_z.
 
-The hooks come from llamaviz.interventions.ablate_heads and attach to the shared model, so both
+The hooks come from llamaviz.interpret.interventions.ablate_heads and attach to the shared model, so both
 forwards run under the model's lock.
 """
 
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from llamaviz.interventions import ablate_heads
+from llamaviz.interpret.interventions import ablate_heads
 from llamaviz.plots.tokens import display_token
 
-from .state import Run
+from llamaviz.app.state import Run
 
 TOP = 10
 _PAIR = re.compile(r"L?\s*(\d+)\s*(?:[.:/]|H)\s*(\d+)", re.IGNORECASE)  # "3.1", "L3H1", "3:1"

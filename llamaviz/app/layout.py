@@ -12,10 +12,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import export, handlers, long_views, views, workbench_tabs
-from .compare import Workbench
-from .models import list_checkpoints, peek_config
-from .state import MAX_NEW_TOKENS, SESSION_TTL_S, BrowserState, release_state
+from llamaviz.app import export, handlers, long_views, views, workbench_tabs
+from llamaviz.app.compare import Workbench
+from llamaviz.app.models import list_checkpoints, peek_config
+from llamaviz.app.state import MAX_NEW_TOKENS, SESSION_TTL_S, BrowserState, release_state
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TITLE = "llamaviz: look inside a Llama"

@@ -19,7 +19,7 @@ from llamaviz.llama.lazy_patterns import pattern_rows
 from llamaviz.plots import pooling
 from llamaviz.plots.tokens import display_token
 
-from .state import Run
+from llamaviz.app.state import Run
 
 LONG = 512  # above this many positions the attention views are pooled
 GRID_CELLS = 96  # blocks per side of each head's panel in a pooled head grid

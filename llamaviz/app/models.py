@@ -44,9 +44,9 @@ class ModelEntry:
 
 def default_loader(path: str, progress: Callable[[float, str], None] | None = None):
     """(model, tokenizer) through llamaviz.load, in eval mode; `progress(fraction, text)` follows the weights."""
-    import llamaviz
+    from llamaviz.run.loading import load
 
-    model, tokenizer = llamaviz.load(path, progress=progress)
+    model, tokenizer = load(path, progress=progress)
     model.eval()
     if not getattr(model, "name_or_path", ""):
         model.name_or_path = str(path)

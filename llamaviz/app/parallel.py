@@ -2,24 +2,24 @@
 
 Every rank loads the model sharded (tp_plan="auto"); rank 0's registry serves only that model (loading
 another would need every rank), and each forward it runs is mirrored by the followers
-(llamaviz.llama.parallel_requests).
+(llamaviz.distributed.requests).
 """
 
 from __future__ import annotations
 
 import torch.distributed as dist
 
-from .models import REGISTRY, key_of
+from llamaviz.app.models import REGISTRY, key_of
 
 
 def launch_parallel(model_path: str, host: str, port: int, **launch_kwargs):
     """Load `model_path` on every rank; serve on rank 0, follow on the others; stop the followers on exit."""
-    import llamaviz
-    from llamaviz.llama.parallel_requests import follow, lead, stop_followers
+    from llamaviz.run.loading import load
+    from llamaviz.distributed.requests import follow, lead, stop_followers
 
-    from . import launch
+    from llamaviz.app import launch
 
-    model, tokenizer = llamaviz.load(model_path, tp_plan="auto")
+    model, tokenizer = load(model_path, tp_plan="auto")
     model.eval()
     model.name_or_path = str(model_path)
     if dist.get_rank() != 0:

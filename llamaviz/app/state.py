@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from llamaviz.app import files
 
 MAX_NEW_TOKENS = 512  # the settings slider's upper end
 LIVE_RUNS_ENV = "LLAMAVIZ_LIVE_RUNS_MB"  # overrides the budget below (MiB)
@@ -68,7 +68,7 @@ class Settings:
         return settings
 
     def sampling(self) -> dict:
-        """Keyword arguments of llamaviz.generation.generate."""
+        """Keyword arguments of llamaviz.run.generation.generate."""
         return {"do_sample": self.do_sample, "temperature": self.temperature, "top_k": self.top_k or None,
                 "top_p": self.top_p, "seed": self.seed}
 

@@ -1,8 +1,8 @@
 """Steering: add a vector to the residual stream while generating, next to the plain continuation.
 
 The vector is activation addition's contrast (resid_pre of a layer at a position: the first prompt's
-minus the second's, llamaviz.pairs.contrast_vector) or a head's output at the picked position of the
-run; `llamaviz.interventions.steer` adds coefficient x vector at every position of that layer. Both
+minus the second's, llamaviz.interpret.pairs.contrast_vector) or a head's output at the picked position of the
+run; `llamaviz.interpret.interventions.steer` adds coefficient x vector at every position of that layer. Both
 continuations use the run's prompt, settings and seed, under the model's lock.
 """
 
@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from llamaviz import pairs
-from llamaviz.generation import generate
-from llamaviz.interventions import steer
+from llamaviz.interpret import pairs
+from llamaviz.run.generation import generate
+from llamaviz.interpret.interventions import steer
 
-from . import explain
-from .generating import encode_prompt
-from .intervene import parse_heads
-from .state import Run
+from llamaviz.app import explain
+from llamaviz.app.generating import encode_prompt
+from llamaviz.app.intervene import parse_heads
+from llamaviz.app.state import Run
 
 SOURCES = ("contrast prompts", "head output")
 MAX_STEER_TOKENS = 64  # continuation length of each side (two generations per click)

@@ -1,6 +1,6 @@
 """What each tab shows, computed from a Run's activations without re-running the model.
 
-Figures come from llamaviz.plots; head scores from llamaviz.analysis; the mask printout from
+Figures come from llamaviz.plots; head scores from llamaviz.interpret.detectors; the mask printout from
 llamaviz.terminal. Results are memoised on the run, so moving a slider back is instant; the memo's
 bytes count in the live-runs budget. Figures are made small for the page (payload.py).
 
@@ -20,14 +20,15 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from llamaviz import analysis, plots, readouts
+from llamaviz.interpret import detectors, readouts
+from llamaviz import plots
 from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.llama.masks import build_mask
 from llamaviz.plots.tokens import display_token, token_labels
 from llamaviz.terminal import render_html
 
-from . import long_views, payload
-from .state import LIVE_RUNS, Run
+from llamaviz.app import long_views, payload
+from llamaviz.app.state import LIVE_RUNS, Run
 
 LENS_WIDTH = 24  # positions the logit lens shows at once (each costs layers x vocab x hidden)
 MASK_TOKENS = 48  # keys the mask printout shows (the last ones)
@@ -39,11 +40,11 @@ _MISSING = object()
 _MEMO_LOCK = threading.Lock()
 _IN_FLIGHT: dict[tuple[int, tuple], threading.Event] = {}  # (run, key) being computed -> set when done
 SCORES: dict[str, Callable] = {  # patterns [layers, b, h, p, k], tokens [b, p] -> [layers, h]
-    "entropy": lambda patterns, tokens: analysis.head_entropy(patterns),
-    "previous-token": lambda patterns, tokens: analysis.previous_token_scores(patterns),
-    "induction": analysis.induction_scores,
-    "duplicate-token": analysis.duplicate_token_scores,
-    "sink": lambda patterns, tokens: analysis.sink_scores(patterns),
+    "entropy": lambda patterns, tokens: detectors.head_entropy(patterns),
+    "previous-token": lambda patterns, tokens: detectors.previous_token_scores(patterns),
+    "induction": detectors.induction_scores,
+    "duplicate-token": detectors.duplicate_token_scores,
+    "sink": lambda patterns, tokens: detectors.sink_scores(patterns),
 }
 SCORE_HELP = {
     "entropy": "mean entropy of each head's attention rows (nats): low = focused, high = spread out",
@@ -162,7 +163,7 @@ def head_scores(run: Run, score: str) -> torch.Tensor:
     tokens = run.ids[:, :-1]  # [1, T-1]: the positions the patterns cover
 
     def compute() -> torch.Tensor:  # lazy patterns, one layer and one block of queries at a time
-        return analysis.head_scores(run.activations(), tokens, kinds=[score])[score]  # [layers, h]
+        return detectors.head_scores(run.activations(), tokens, kinds=[score])[score]  # [layers, h]
 
     return memo(run, ("scores", score), compute)
 

@@ -17,9 +17,9 @@ from llamaviz.plots import analysis as figures
 from llamaviz.plots.html import save_html
 from llamaviz.plots.tokens import position_labels
 
-from . import compare, explain, export, steer, views
-from .handlers import current_run, failure, status
-from .state import BrowserState
+from llamaviz.app import compare, explain, export, steer, views
+from llamaviz.app.handlers import current_run, failure, status
+from llamaviz.app.state import BrowserState
 
 FLOW_THRESHOLD = 0.04
 FLOW_CHOICES = 60  # edges listed in the flow picker (the strongest first)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import compare, explain, steer
-from . import workbench as wb
+from llamaviz.app import compare, explain, steer
+from llamaviz.app import workbench as wb
 
 
 def picker(c: dict) -> None:

@@ -2,6 +2,9 @@
 
 open_checkpoint(path) streams a checkpoint's tensors under Hugging Face names; load_pretrained fills a
 model built on the meta device from that stream; save_pretrained writes a folder transformers reads.
+
+May import: llamaviz.llama (configs, model classes, quantized linears) and llamaviz.distributed
+(a tensor-parallel plan shards what is read). The model reaches these readers through its slots.
 """
 
 from llamaviz.checkpoints.base import Checkpoint, TensorInfo, permute_rope_rows, unpermute_rope_rows

@@ -63,8 +63,8 @@ def load_pretrained(model_class, path, dtype=None, device=None, attn_implementat
     (MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM). Keyword arguments naming config fields (e.g. num_labels=3) override the config; the rest go
     to the model's constructor. progress: True/False forces the stderr bar; None shows it above 500 MB;
     a callable `fn(fraction, text)` is told instead (the web app's progress bar).
-    tp_plan="auto" shards the model over the torch.distributed ranks (llamaviz.llama.parallel), each
-    rank reading only its slices; device_map places whole layers on devices (llamaviz.llama.placement).
+    tp_plan="auto" shards the model over the torch.distributed ranks (llamaviz.distributed.parallel), each
+    rank reading only its slices; device_map places whole layers on devices (llamaviz.distributed.placement).
     """
     checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     model_class = family_class(model_class, checkpoint)
@@ -85,7 +85,7 @@ def load_pretrained(model_class, path, dtype=None, device=None, attn_implementat
     _init_new_heads(targets, new_heads, config.initializer_range)
     model.post_load()
     if placement is not None:
-        from llamaviz.llama.placement import move_between_devices
+        from llamaviz.distributed.placement import move_between_devices
 
         move_between_devices(model, placement)
     model.eval()
@@ -134,7 +134,7 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, plac
 
 def _empty(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if type(tensor).__name__ == "DTensor":  # only tensor-parallel models hold these; no import otherwise
-        from llamaviz.llama.parallel import empty_like_dtensor
+        from llamaviz.distributed.parallel import empty_like_dtensor
 
         return empty_like_dtensor(tensor, dtype, device)
     return torch.empty(tensor.shape, dtype=dtype, device=device)
@@ -157,19 +157,19 @@ def _tensor_parallel_mesh(tp_plan, config: LlamaConfig, device, device_map):
 
 
 def _rank_device(mesh) -> torch.device:
-    from llamaviz.llama.parallel import rank_device
+    from llamaviz.distributed.parallel import rank_device
 
     return rank_device(mesh)
 
 
 def _shard(model: nn.Module, mesh) -> None:
-    from llamaviz.llama.parallel import shard_model
+    from llamaviz.distributed.parallel import shard_model
 
     shard_model(model, mesh)
 
 
 def _placement(model: nn.Module, device_map, dtype: torch.dtype, device):
-    from llamaviz.llama.placement import plan_placement
+    from llamaviz.distributed.placement import plan_placement
 
     if device is not None:
         raise ValueError(f"pass device= or device_map=, not both (got device={device!r}); device_map places "
@@ -320,7 +320,7 @@ def _fill(checkpoint: Checkpoint, targets: dict, plan: dict, progress) -> None:
 def _fill_shards(checkpoint: Checkpoint, targets: dict, sharded: dict, bar: "ProgressBar") -> None:
     """Tensor-parallel parameters: read only this rank's slice of each (llamaviz.checkpoints.slices)."""
     from llamaviz.checkpoints.slices import read_slice
-    from llamaviz.llama.parallel import local_slice
+    from llamaviz.distributed.parallel import local_slice
 
     for name, key in sharded.items():
         local = targets[key].to_local()

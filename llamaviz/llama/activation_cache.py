@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .decomposition import DecompositionMixin
-from .hook_points import layer_of
-from .names import get_act_name
-from .lazy_patterns import LazyPatterns, lazy_piece_names, query_window, unique_nbytes
+from llamaviz.llama.decomposition import DecompositionMixin
+from llamaviz.llama.hook_points import layer_of
+from llamaviz.llama.names import get_act_name
+from llamaviz.llama.lazy_patterns import LazyPatterns, lazy_piece_names, query_window, unique_nbytes
 
 MEMORY_BUDGET_FRACTION = 0.25  # of available RAM / GPU memory a capture may take by default
 

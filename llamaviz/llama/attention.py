@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LlamaConfig
-from .hook_points import HookPoint
-from .masks import AttentionMask
-from .rope import apply_rope
+from llamaviz.llama.config import LlamaConfig
+from llamaviz.llama.hook_points import HookPoint
+from llamaviz.llama.masks import AttentionMask
+from llamaviz.llama.rope import apply_rope
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 import torch
 
-from . import activation_cache
-from .activation_cache import ActivationCache
-from .hook_points import activation_numel, is_pattern_shaped, layer_of
-from .lazy_patterns import LazyPatterns, ResidualPieces, StoredPieces, lazy_piece_names
-from .masks import AttentionMask
+from llamaviz.llama import activation_cache
+from llamaviz.llama.activation_cache import ActivationCache
+from llamaviz.llama.hook_points import activation_numel, is_pattern_shaped, layer_of
+from llamaviz.llama.lazy_patterns import LazyPatterns, ResidualPieces, StoredPieces, lazy_piece_names
+from llamaviz.llama.masks import AttentionMask
+from llamaviz.llama.rope import default_position_ids
 
 PATTERN_MODES = ("stored", "lazy", "recompute")
 LAZY_MODES = ("lazy", "recompute")  # "recompute": rot_q / rot_k from the kept resid_pre, nothing else stored
@@ -227,8 +228,6 @@ class Recorder:
 
     def _residual_pieces(self, layers: list[int], joined: dict, mask: AttentionMask, position_ids) -> dict:
         """ResidualPieces per layer, with the RoPE tables of the positions the forward used."""
-        from .modeling import default_position_ids  # modeling imports this module
-
         base = getattr(self.model, "model", self.model)
         first = joined[f"blocks.{layers[0]}.hook_resid_pre"]  # [b, p, m]
         if position_ids is None:

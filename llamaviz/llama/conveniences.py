@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .factored_matrix import FactoredMatrix
+from llamaviz.llama.factored_matrix import FactoredMatrix
+from llamaviz.llama.pretrained import provided
 
 
 class ConfigView:
@@ -58,9 +59,7 @@ class TransformerLensMixin:
         if self._tokenizer is None:
             if not self.name_or_path:
                 raise ValueError("this model has no tokenizer: set model.tokenizer = tok (llamaviz.load does)")
-            from llamaviz.tokenizer import AutoTokenizer  # tokenizers live outside the pure-torch model package
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+            self._tokenizer = provided("auto_tokenizer").from_pretrained(self.name_or_path)
         return self._tokenizer
 
     @tokenizer.setter

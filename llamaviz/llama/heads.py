@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LlamaConfig
-from .hook_points import HookPoint
-from .modeling import LlamaModel, LlamaPreTrainedModel
-from .outputs import BaseModelOutput, QuestionAnsweringOutput, SequenceClassifierOutput
+from llamaviz.llama.config import LlamaConfig
+from llamaviz.llama.hook_points import HookPoint
+from llamaviz.llama.modeling import LlamaModel, LlamaPreTrainedModel
+from llamaviz.llama.outputs import BaseModelOutput, QuestionAnsweringOutput, SequenceClassifierOutput
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 

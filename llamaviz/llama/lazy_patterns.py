@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .attention import masked_scores, repeat_kv, softmax_pattern
-from .hook_points import layer_of
-from .masks import AttentionMask
-from .rope import apply_rope
+from llamaviz.llama.attention import masked_scores, repeat_kv, softmax_pattern
+from llamaviz.llama.hook_points import layer_of
+from llamaviz.llama.masks import AttentionMask
+from llamaviz.llama.rope import apply_rope
 
 KINDS = {"hook_pattern": "pattern", "hook_attn_scores": "attn_scores"}
 

@@ -12,16 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import CachingMixin
-from .attention import LlamaAttention
-from .cache import DynamicCache
-from .config import LlamaConfig
-from .conveniences import TransformerLensMixin
-from .hook_points import HookedRootModule, HookPoint
-from .masks import AttentionMask
-from .outputs import HF_OUTPUT, BaseModelOutput, CausalLMOutput, causal_lm_loss, check_return_type, tl_output
-from .quantize import quantization_request, quantize_model
-from .rope import RotaryEmbedding, rotary_embedding
+from llamaviz.llama.capture import CachingMixin
+from llamaviz.llama.attention import LlamaAttention
+from llamaviz.llama.cache import DynamicCache
+from llamaviz.llama.config import LlamaConfig
+from llamaviz.llama.conveniences import TransformerLensMixin
+from llamaviz.llama.hook_points import HookedRootModule, HookPoint
+from llamaviz.llama.masks import AttentionMask
+from llamaviz.llama.pretrained import provided
+from llamaviz.llama.outputs import HF_OUTPUT, BaseModelOutput, CausalLMOutput, causal_lm_loss, check_return_type, tl_output
+from llamaviz.llama.quantize import quantization_request, quantize_model
+from llamaviz.llama.rope import RotaryEmbedding, default_position_ids, rotary_embedding
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -96,16 +97,6 @@ class LlamaDecoderLayer(nn.Module):
         return self.hook_resid_post(resid_mid + mlp_out), pattern
 
 
-def default_position_ids(attention_mask: torch.Tensor | None, past_length: int, query_length: int,
-                         device) -> torch.Tensor:
-    """[b|1, p] positions: counted over non-padding tokens when a mask is given (left padding)."""
-    if attention_mask is None:
-        return torch.arange(past_length, past_length + query_length, device=device)[None]
-    positions = attention_mask.long().cumsum(-1) - 1
-    positions = positions.masked_fill(attention_mask == 0, 1)
-    return positions[:, -query_length:]
-
-
 class LlamaPreTrainedModel(CachingMixin, HookedRootModule):
     """What every Llama model shares: config, init, loading, saving, dtype and device."""
 
@@ -148,22 +139,18 @@ class LlamaPreTrainedModel(CachingMixin, HookedRootModule):
         quantization_config=TorchAoConfig("int4_weight_only", group_size=128) says the same in
         transformers' spelling.
         """
-        from llamaviz.checkpoints import load_pretrained  # readers live outside the pure-torch model package
-
         # checked before the slow load
         quantization, group_size = quantization_request(quantization, group_size, quantization_config)
         if quantization is not None and kwargs.get("tp_plan") is not None:
             raise ValueError("quantization= and tp_plan= cannot be combined: the integer codes are not "
                              "sharded; load in bfloat16/float16 with tp_plan, or quantize without it")
-        model = load_pretrained(cls, path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+        model = provided("load_pretrained")(cls, path, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                 **kwargs)
         return quantize_model(model, quantization, group_size) if quantization is not None else model
 
     def save_pretrained(self, folder, **kwargs):
         """Write model.safetensors + config.json that transformers can read."""
-        from llamaviz.checkpoints import save_pretrained
-
-        return save_pretrained(self, folder, **kwargs)
+        return provided("save_pretrained")(self, folder, **kwargs)
 
 
 def check_attn_implementation(name: str) -> str:
@@ -353,20 +340,18 @@ class LlamaForCausalLM(TransformerLensMixin, LlamaPreTrainedModel):
 
     def generate(self, input_ids=None, prepend_bos: bool | None = None, padding_side: str | None = None,
                  stop_at_eos: bool = True, verbose: bool = False, **kwargs):
-        """Greedy or sampled continuation with a KV cache; see llamaviz.generation.generate.
+        """Greedy or sampled continuation with a KV cache; see llamaviz.run.generation.generate.
 
         Text in, text out (prompt + continuation), as TransformerLens' generate; ids in, ids out.
         stop_at_eos=False keeps going past the end-of-sequence token. Sampling stays opt-in
         (do_sample=True), as in transformers.
         """
-        from llamaviz.generation import generate  # decoding loops live outside the model package
-
         text = isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and bool(input_ids)
                                               and all(isinstance(t, str) for t in input_ids))
         input_ids, mask = self.text_input(input_ids, kwargs.pop("attention_mask", None), prepend_bos, padding_side)
         if not stop_at_eos:
             kwargs["eos_token_id"] = []
-        out = generate(self, input_ids, attention_mask=mask, **kwargs)
+        out = provided("generate")(self, input_ids, attention_mask=mask, **kwargs)
         if not text:
             return out
         decoded = self.to_string(out)
@@ -374,6 +359,4 @@ class LlamaForCausalLM(TransformerLensMixin, LlamaPreTrainedModel):
 
     def generate_with_cache(self, input_ids=None, **kwargs):
         """generate() that also returns an ActivationCache of the whole sequence."""
-        from llamaviz.generation import generate_with_cache
-
-        return generate_with_cache(self, input_ids, **kwargs)
+        return provided("generate_with_cache")(self, input_ids, **kwargs)

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .config import LlamaConfig
+from llamaviz.llama.config import LlamaConfig
 
 
 def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -104,3 +104,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """
     half = x.shape[-1] // 2
     return x * cos[:, :, None, :] + x.roll(half, dims=-1) * signed_sin[:, :, None, :]
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, past_length: int, query_length: int,
+                         device) -> torch.Tensor:
+    """[b|1, p] positions: counted over non-padding tokens when a mask is given (left padding)."""
+    if attention_mask is None:
+        return torch.arange(past_length, past_length + query_length, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 1)
+    return positions[:, -query_length:]

@@ -7,10 +7,10 @@ Qwen3 keep their QA base model under `transformer`, Mistral under `model`.
 
 from __future__ import annotations
 
-from .config import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-from .heads import (LlamaForQuestionAnswering, LlamaForSequenceClassification, LlamaForTokenClassification,
+from llamaviz.llama.config import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from llamaviz.llama.heads import (LlamaForQuestionAnswering, LlamaForSequenceClassification, LlamaForTokenClassification,
                     LlamaHeadModel)
-from .variants import MistralModel, Qwen2Model, Qwen3Model, check_family_config
+from llamaviz.llama.variants import MistralModel, Qwen2Model, Qwen3Model, check_family_config
 
 
 class _FamilyHead(LlamaHeadModel):

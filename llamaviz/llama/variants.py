@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .attention import LlamaAttention
-from .config import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-from .hook_points import HookPoint
-from .modeling import LlamaForCausalLM, LlamaModel, LlamaRMSNorm
+from llamaviz.llama.attention import LlamaAttention
+from llamaviz.llama.config import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from llamaviz.llama.hook_points import HookPoint
+from llamaviz.llama.pretrained import provided
+from llamaviz.llama.modeling import LlamaForCausalLM, LlamaModel, LlamaRMSNorm
 
 
 class Qwen2Attention(LlamaAttention):
@@ -128,7 +129,5 @@ class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(path, **kwargs) -> LlamaForCausalLM:
         """The checkpoint at `path` in the class its config names; kwargs as for LlamaForCausalLM.from_pretrained."""
-        from llamaviz.checkpoints import open_checkpoint  # readers live outside the pure-torch model package
-
-        checkpoint = open_checkpoint(path)
+        checkpoint = provided("open_checkpoint")(path)
         return causal_lm_class_for(checkpoint.config).from_pretrained(checkpoint, **kwargs)

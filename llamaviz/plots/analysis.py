@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale, unlabel_rgb
 from plotly.subplots import make_subplots
 
-from .tokens import display_token, escape_all, escape_html, position_labels
+from llamaviz.plots.tokens import display_token, escape_all, escape_html, position_labels
 
 TEMPLATE = "plotly_white"
 DIVERGING = "RdBu"  # red = pushes the metric up, blue = down (reversed so positive is red)

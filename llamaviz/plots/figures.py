@@ -11,10 +11,10 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from . import panels, pooling
-from .checks import check_name
-from .panels import Alternatives, Head, Heatmap, Tensor
-from .tokens import escape_all, escape_html
+from llamaviz.plots import panels, pooling
+from llamaviz.plots.checks import check_name
+from llamaviz.plots.panels import Alternatives, Head, Heatmap, Tensor
+from llamaviz.plots.tokens import escape_all, escape_html
 
 TEMPLATE = "plotly_white"   # no grey background behind blank (NaN) cells
 ATTENTION_HOVER = "query %{y}<br>key %{x}<br>weight %{customdata:.4f}<extra></extra>"

@@ -12,9 +12,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.colors import sample_colorscale, unlabel_rgb
 
-from . import panels
-from .panels import Alternatives, Tensor
-from .tokens import display_token, escape_html
+from llamaviz.plots import panels
+from llamaviz.plots.panels import Alternatives, Tensor
+from llamaviz.plots.tokens import display_token, escape_html
 
 COLORSCALE = "RdYlGn"   # the same scale as plots.token_logprobs
 

@@ -11,9 +11,9 @@ from typing import Literal, Union
 import numpy as np
 import torch
 
-from .checks import (check_index, check_layer, check_ndim, check_positive, check_tokens,
+from llamaviz.plots.checks import (check_index, check_layer, check_ndim, check_positive, check_tokens,
                      check_values, to_numpy)
-from .tokens import display_token, position_labels, shorten
+from llamaviz.plots.tokens import display_token, position_labels, shorten
 
 CELL_CHARS = 10         # a token drawn inside a cell is shortened to this many characters
 

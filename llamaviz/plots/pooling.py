@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llamaviz import causal_scores
+from llamaviz.interpret import causal_scores
 
-from .panels import Head, Heatmap
-from .tokens import display_token, shorten
+from llamaviz.plots.panels import Head, Heatmap
+from llamaviz.plots.tokens import display_token, shorten
 
 MAX_CELLS = 512  # an overview is at most this many blocks per side
 BAND_ROWS = 1024  # query rows read at once while pooling (about 1024 x T floats per head)

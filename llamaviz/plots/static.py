@@ -15,9 +15,9 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from . import panels
-from .checks import check_name
-from .panels import Alternatives, Head, Heatmap, Tensor
+from llamaviz.plots import panels
+from llamaviz.plots.checks import check_name
+from llamaviz.plots.panels import Alternatives, Head, Heatmap, Tensor
 
 
 def _plain(text: str) -> str:

@@ -16,8 +16,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .colors import BOLD, GREEN, GREY, background, paint, resolve_palette
-from .grid import Grid, make_grid
+from llamaviz.terminal.colors import BOLD, GREEN, GREY, background, paint, resolve_palette
+from llamaviz.terminal.grid import Grid, make_grid
 
 MAY_ATTEND = "■"
 MASKED = "⬚"

@@ -14,7 +14,7 @@ import torch
 
 from llamaviz.llama.masks import build_mask
 
-from .render import render_mask, render_weights
+from llamaviz.terminal.render import render_mask, render_weights
 
 PAD_LABEL = "<pad>"  # row label of padding positions, whatever the pad token is
 
@@ -201,7 +201,7 @@ def _open(path):
 
 
 def _load_tokenizer(path):
-    from llamaviz.tokenizer import AutoTokenizer
+    from llamaviz.tokenizers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
 

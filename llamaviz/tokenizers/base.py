@@ -16,51 +16,31 @@ from pathlib import Path
 from typing import Any
 
 from llamaviz.tokenizers.chat import cut_after_final_message, render_chat
+from llamaviz.tokenizers.special import SPECIAL_TOKEN_NAMES, SpecialTokensMixin, special_token, special_token_id
 from llamaviz.tokenizers.encoding import (
     CLEANUPS, PADDING_OPTIONS, RETURN_TENSORS, TRUNCATION_OPTIONS, BatchEncoding, as_id_lists, as_texts, checked_side,
     batch_encoding, lookup_option,
 )
 
 VERY_LARGE_INTEGER = int(1e30)  # model_max_length when nothing says (as transformers does)
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+_LOADER = None  # tokenizers.loading.load, registered by it: it imports the backends, which import this module
 
 
-def _special_token(name: str) -> property:
-    """A settable property for one named special token (a string of the vocabulary, or None)."""
+def register_loader(loader) -> None:
+    """Set the function behind from_pretrained (called once, by llamaviz.tokenizers.loading)."""
+    global _LOADER
+    _LOADER = loader
 
-    def get(self):
-        return self._special_tokens[name]
-
-    def set(self, token):
-        self._special_tokens[name] = self._checked_special_token(name, token)
-        self._special_tokens_changed()
-
-    return property(get, set, doc=f"The {name.split('_')[0]} token as a string, or None.")
-
-
-def _special_token_id(name: str) -> property:
-    """The id of a named special token; setting an id sets the token."""
-
-    def get(self):
-        token = self._special_tokens[name]
-        return None if token is None else self.convert_tokens_to_ids(token)
-
-    def set(self, index):
-        setattr(self, name, None if index is None else self.convert_ids_to_tokens(int(index)))
-
-    return property(get, set, doc=f"The id of {name}, or None.")
-
-
-class TokenizerBase:
+class TokenizerBase(SpecialTokensMixin):
     """Shared behaviour of LlamaTokenizer and LlamaTokenizerFast (see the module docstring)."""
 
     vocab_file_name = ""  # what save_vocabulary writes, e.g. "tokenizer.json"
     tokenizer_class_name = ""  # written to tokenizer_config.json
 
-    bos_token, eos_token = _special_token("bos_token"), _special_token("eos_token")
-    unk_token, pad_token = _special_token("unk_token"), _special_token("pad_token")
-    bos_token_id, eos_token_id = _special_token_id("bos_token"), _special_token_id("eos_token")
-    unk_token_id, pad_token_id = _special_token_id("unk_token"), _special_token_id("pad_token")
+    bos_token, eos_token = special_token("bos_token"), special_token("eos_token")
+    unk_token, pad_token = special_token("unk_token"), special_token("pad_token")
+    bos_token_id, eos_token_id = special_token_id("bos_token"), special_token_id("eos_token")
+    unk_token_id, pad_token_id = special_token_id("unk_token"), special_token_id("pad_token")
 
     def __init__(self, *, bos_token=None, eos_token=None, unk_token=None, pad_token=None, add_bos_token=True,
                  add_eos_token=False, padding_side="left", truncation_side="right", chat_template=None,
@@ -80,9 +60,9 @@ class TokenizerBase:
     @classmethod
     def from_pretrained(cls, path, **kwargs):
         """Load from a Hugging Face folder, a .gguf file, or a folder holding one .gguf; kwargs override the files."""
-        from llamaviz.tokenizers.loading import load
-
-        return load(path, cls if cls is not TokenizerBase else None, **kwargs)
+        if _LOADER is None:
+            raise RuntimeError("no tokenizer loader: import llamaviz.tokenizers (its __init__ registers it)")
+        return _LOADER(path, cls if cls is not TokenizerBase else None, **kwargs)
 
     # --- what a backend provides -------------------------------------------------------------------------------
     def _encode_plain(self, texts: list[str]) -> list[list[int]]:
@@ -110,90 +90,6 @@ class TokenizerBase:
 
     def _special_tokens_changed(self) -> None:
         """Hook: a special token or add_bos/add_eos flag changed (the fast backend rebuilds its post-processor)."""
-
-    # --- special tokens ------------------------------------------------------------------------------------------
-    def _checked_special_token(self, name: str, token) -> str | None:
-        """`token` as a string of this vocabulary (AddedToken-like objects and dicts accepted), or None."""
-        if isinstance(token, dict):
-            token = token.get("content")
-        if token is None:
-            return None
-        token = str(token)
-        if self._token_to_id(token) is None:
-            raise ValueError(
-                f"{name}={token!r} is not in this tokenizer's vocabulary; use a token it has, "
-                f"e.g. tok.{name} = tok.eos_token ({self._special_tokens.get('eos_token')!r})"
-            )
-        return token
-
-    @property
-    def add_bos_token(self) -> bool:
-        """Whether encoding with add_special_tokens=True puts bos_token first."""
-        return self._add_bos_token
-
-    @add_bos_token.setter
-    def add_bos_token(self, value: bool) -> None:
-        self._add_bos_token = bool(value)
-        self._special_tokens_changed()
-
-    @property
-    def add_eos_token(self) -> bool:
-        """Whether encoding with add_special_tokens=True puts eos_token last."""
-        return self._add_eos_token
-
-    @add_eos_token.setter
-    def add_eos_token(self, value: bool) -> None:
-        self._add_eos_token = bool(value)
-        self._special_tokens_changed()
-
-    @property
-    def special_tokens_map(self) -> dict[str, str]:
-        """{"bos_token": "<s>", ...} for the named special tokens that are set."""
-        return {name: token for name, token in self._special_tokens.items() if token is not None}
-
-    @property
-    def all_special_tokens(self) -> list[str]:
-        """The named special tokens, without repeats, in bos/eos/unk/pad order."""
-        return list(dict.fromkeys(self.special_tokens_map.values()))
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        """Ids of `all_special_tokens`."""
-        return [self.convert_tokens_to_ids(token) for token in self.all_special_tokens]
-
-    def _bos_eos(self) -> tuple[list[int], list[int]]:
-        """The ids put before and after each sequence: ([bos] or [], [eos] or [])."""
-        bos = [self.bos_token_id] if self._add_bos_token and self.bos_token is not None else []
-        eos = [self.eos_token_id] if self._add_eos_token and self.eos_token is not None else []
-        return bos, eos
-
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
-        """[bos] + ids0 + [eos] (+ [bos] + ids1 + [eos]), each special as add_bos_token/add_eos_token say."""
-        bos, eos = self._bos_eos()
-        output = bos + list(token_ids_0) + eos
-        return output if token_ids_1 is None else output + bos + list(token_ids_1) + eos
-
-    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False) -> list[int]:
-        """1 where build_inputs_with_special_tokens puts a special token, 0 on sequence tokens."""
-        if already_has_special_tokens:
-            if token_ids_1 is not None:
-                raise ValueError("already_has_special_tokens=True takes one formatted sequence; got token_ids_1 too")
-            special = set(self.all_special_ids)
-            return [int(int(index) in special) for index in token_ids_0]
-        bos, eos = self._bos_eos()
-        mask = [1] * len(bos) + [0] * len(token_ids_0) + [1] * len(eos)
-        return mask if token_ids_1 is None else mask + [1] * len(bos) + [0] * len(token_ids_1) + [1] * len(eos)
-
-    def create_token_type_ids_from_sequences(self, token_ids_0, token_ids_1=None) -> list[int]:
-        """0 over the first sequence and its special tokens, 1 over the second's."""
-        bos, eos = self._bos_eos()
-        first = [0] * (len(bos) + len(token_ids_0) + len(eos))
-        return first if token_ids_1 is None else first + [1] * (len(bos) + len(token_ids_1) + len(eos))
-
-    def num_special_tokens_to_add(self, pair: bool = False) -> int:
-        """How many special tokens encoding adds to one sequence (or a pair)."""
-        bos, eos = self._bos_eos()
-        return (len(bos) + len(eos)) * (2 if pair else 1)
 
     # --- encoding ------------------------------------------------------------------------------------------------
     def __call__(self, text, return_tensors=None, padding=False, max_length=None, truncation=False,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llamaviz.tokenizers import gguf_vocab
+from llamaviz.tokenizers.base import register_loader
 from llamaviz.tokenizers.llama_fast import LlamaTokenizerFast
 from llamaviz.tokenizers.llama_sentencepiece import LlamaTokenizer
 
@@ -141,3 +142,6 @@ class AutoTokenizer:
     def from_pretrained(path, **kwargs):
         """tokenizer.json -> LlamaTokenizerFast, else tokenizer.model -> LlamaTokenizer, else the .gguf's vocabulary."""
         return load(path, None, **kwargs)
+
+
+register_loader(load)  # TokenizerBase.from_pretrained (base.py cannot import this module: it is below it)

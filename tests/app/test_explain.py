@@ -15,8 +15,8 @@ from torch.testing import assert_close
 
 from llamaviz import attribution, flow, patching, readouts
 from llamaviz.app import compare, handlers, models, state as app_state, views, workbench as wb
-from llamaviz.generation import generate
-from llamaviz.interventions import steer
+from llamaviz.run.generation import generate
+from llamaviz.interpret.interventions import steer
 from llamaviz.notebook import open_patching
 
 PROMPT = "The capital of France is"

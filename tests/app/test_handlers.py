@@ -19,7 +19,7 @@ import torch
 
 from llamaviz import analysis
 from llamaviz.app import generating, handlers, long_views, models, state as app_state, views
-from llamaviz.generation import generate as library_generate
+from llamaviz.run.generation import generate as library_generate
 from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.notebook import read_view
 

@@ -89,7 +89,7 @@ def test_patterns_are_computed_only_for_requested_layers(pair, ids, monkeypatch)
 
 
 def test_zero_ablating_a_head_matches_transformers_with_o_proj_columns_zeroed(pair, ids):
-    from llamaviz.interventions import ablate_heads
+    from llamaviz.interpret.interventions import ablate_heads
 
     hf, ours = pair
     layer, head, d = 1, 2, 16
@@ -107,7 +107,7 @@ def test_zero_ablating_a_head_matches_transformers_with_o_proj_columns_zeroed(pa
 
 
 def test_mean_ablation_patching_and_steering(pair, ids):
-    from llamaviz.interventions import ablate_heads, patch_activation, steer
+    from llamaviz.interpret.interventions import ablate_heads, patch_activation, steer
 
     _, ours = pair
     _, clean = ours.run_with_cache(ids[:1])

@@ -3,7 +3,7 @@ and steering vectors from contrast prompts; for the notebook helpers and the web
 
 The patching metric is the normalised logit difference, (metric - corrupted) / (clean - corrupted)
 of logit(answer) - logit(wrong) at the last position: 0 = the corrupted run, 1 = the clean run.
-Sweeps come from llamaviz.patching; this module only runs them and normalises.
+Sweeps come from llamaviz.interpret.patching; this module only runs them and normalises.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamaviz import patching
+from llamaviz.interpret import patching
 from llamaviz.llama.names import get_act_name
 
-# What the compare view sweeps: name shown -> the llamaviz.patching kind ([L, p] or [L, h]).
+# What the compare view sweeps: name shown -> the llamaviz.interpret.patching kind ([L, p] or [L, h]).
 SWEEPS = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out", "heads": "attn_head_out_all_pos"}
 BLOCKS = ("resid_pre", "attn_out", "mlp_out")
 Progress = Callable[[float, str], None]  # progress(fraction done, what is running); raise from it to stop

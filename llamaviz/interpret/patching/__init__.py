@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .gradient import attribution_patch, attribution_scores
-from .kinds import BLOCK_EVERY, HEAD_EVERY, KINDS
-from .sweeps import generic_activation_patch
+from llamaviz.interpret.patching.gradient import attribution_patch, attribution_scores
+from llamaviz.interpret.patching.kinds import BLOCK_EVERY, HEAD_EVERY, KINDS
+from llamaviz.interpret.patching.sweeps import generic_activation_patch
 
 
 def _sweep(kind: str):

@@ -13,12 +13,12 @@ import torch
 from llamaviz.llama.hook_points import frozen_parameters
 from llamaviz.llama.names import get_act_name
 
-from .kinds import KINDS
-from .sweeps import check_pair, check_scalar
+from llamaviz.interpret.patching.kinds import KINDS
+from llamaviz.interpret.patching.sweeps import check_pair, check_scalar
 
 
 def attribution_patch(model, clean_tokens, corrupted_tokens, metric, names=None) -> dict[str, torch.Tensor]:
-    """{kind: estimate} for the kinds in `names` (default: every kind of llamaviz.patching.KINDS)."""
+    """{kind: estimate} for the kinds in `names` (default: every kind of llamaviz.interpret.patching.KINDS)."""
     if isinstance(clean_tokens, (str, list)):
         clean_tokens = model.to_tokens(clean_tokens)
     if isinstance(corrupted_tokens, (str, list)):

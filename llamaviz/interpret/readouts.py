@@ -22,7 +22,7 @@ EXPLAIN_SUFFIXES = ("hook_embed", "hook_attn_out", "hook_mlp_out", "hook_resid_p
 
 
 def explain_filter(name: str) -> bool:
-    """names_filter of a run_with_cache that direct_logit_attribution and llamaviz.flow can use."""
+    """names_filter of a run_with_cache that direct_logit_attribution and llamaviz.interpret.flow can use."""
     return name.endswith(EXPLAIN_SUFFIXES)
 
 

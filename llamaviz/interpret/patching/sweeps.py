@@ -19,8 +19,8 @@ import torch
 from llamaviz.llama.capture import progress_reporter
 from llamaviz.llama.names import get_act_name
 
-from .kinds import KINDS, PatchKind, axis_sizes
-from .suffix import CorruptedRun, copy_logits, packed_logits, suffix_start
+from llamaviz.interpret.patching.kinds import KINDS, PatchKind, axis_sizes
+from llamaviz.interpret.patching.suffix import CorruptedRun, copy_logits, packed_logits, suffix_start
 
 Progress = Callable[[int, int], None]  # progress(done, total); raise from it to stop a sweep
 LOGITS_BYTES_PER_FORWARD = 512 * 2**20  # cap on the logits one batched forward produces

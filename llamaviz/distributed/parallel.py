@@ -24,8 +24,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from .attention import LlamaAttention
-from .modeling import LlamaMLP
+from llamaviz.llama.attention import LlamaAttention
+from llamaviz.llama.modeling import LlamaMLP
 
 TP_PLANS = ("auto",)
 TIMEOUT_ENV = "LLAMAVIZ_TP_TIMEOUT"  # seconds a collective may wait for the other ranks before failing

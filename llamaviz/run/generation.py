@@ -15,7 +15,7 @@ import torch
 from llamaviz.llama.cache import DynamicCache, StaticCache
 from llamaviz.llama.capture import Recorder, choose_patterns, exact_patterns, layer_progress_hooks
 from llamaviz.llama.masks import AttentionMask
-from llamaviz.streamers import TextIteratorStreamer, TextStreamer
+from llamaviz.run.streamers import TextIteratorStreamer, TextStreamer
 
 __all__ = ["generate", "generate_with_cache", "TextStreamer", "TextIteratorStreamer"]
 

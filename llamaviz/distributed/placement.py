@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .capture import available_memory
+from llamaviz.llama.capture import available_memory
 
 DEVICE_MAPS = ("auto", "balanced")
 FREE_FRACTION = 0.9  # of a device's free memory that "auto" fills with weights

@@ -13,9 +13,9 @@ from pathlib import Path
 import plotly.graph_objects as go
 import torch
 
-from . import readouts
-from .notebook import Run, enable_offline, encode
-from .plots.checks import check_name
+from llamaviz.interpret import readouts
+from llamaviz.notebook.runs import Run, enable_offline, encode
+from llamaviz.plots.checks import check_name
 
 def _explain_run(model, tok, text: str) -> Run:
     """`text` run with every hook point the logit attribution and the information flow read."""
@@ -36,7 +36,7 @@ def _token_id(model, token, what: str) -> int:
 
 def show_dla(model, tok, text: str, token=None, foil=None, position: int = -1) -> go.Figure:
     """Direct logit attribution of `token` (default: the model's top next token) at `position`, minus `foil`'s."""
-    from .plots import analysis as figures
+    from llamaviz.plots import analysis as figures
 
     enable_offline()
     result = _explain_run(model, tok, text)
@@ -52,12 +52,12 @@ def show_dla(model, tok, text: str, token=None, foil=None, position: int = -1) -
 
 
 def show_patching(model, tok, clean: str, corrupted: str, answer, wrong, mode: str = "both") -> dict:
-    """Patch a clean/corrupted pair: {"blocks": figure, "heads": figure, "result": llamaviz.pairs.PatchingResult}.
+    """Patch a clean/corrupted pair: {"blocks": figure, "heads": figure, "result": llamaviz.interpret.pairs.PatchingResult}.
 
     mode "exact", "attribution" (one backward, fast) or "both"; maps are the normalised logit difference.
     """
-    from . import pairs
-    from .plots import analysis as figures
+    from llamaviz.interpret import pairs
+    from llamaviz.plots import analysis as figures
 
     check_name(mode, "mode", ["exact", "attribution", "both"])
     enable_offline()
@@ -75,8 +75,8 @@ def show_patching(model, tok, clean: str, corrupted: str, answer, wrong, mode: s
 
 def show_saliency(model, tok, text: str, target=None, method: str = "integrated_gradients", steps: int = 32):
     """The text's tokens coloured by their attribution to the next token `target` (default: the top one); HTML."""
-    from . import attribution
-    from .plots import analysis as figures
+    from llamaviz.interpret import attribution
+    from llamaviz.plots import analysis as figures
 
     check_name(method, "method", list(attribution.METHODS))
     ids, tokens = encode(tok, text)
@@ -96,8 +96,8 @@ def show_saliency(model, tok, text: str, target=None, method: str = "integrated_
 
 def show_flow(model, tok, text: str, position: int = -1, threshold: float = 0.04) -> go.Figure:
     """The information-flow graph into `position` (edges with a share >= threshold)."""
-    from . import flow
-    from .plots import analysis as figures
+    from llamaviz.interpret import flow
+    from llamaviz.plots import analysis as figures
 
     enable_offline()
     result = _explain_run(model, tok, text)

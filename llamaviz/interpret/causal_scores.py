@@ -6,7 +6,7 @@ never holds a [p, k] block (and, with the keys as values, the mean key each quer
 makes the entropy lse - scale * q . mean_key). The behaviours then need the scores of the keys they
 predict only: the previous token, the first token, and earlier copies of the query's token (or the
 tokens after them): a few dot products per query instead of the whole row. Same numbers as summing
-the pattern (analysis._ScoreSums), at the cost of one attention pass per layer.
+the pattern (detectors._ScoreSums), at the cost of one attention pass per layer.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def plans(kind: str, tokens: torch.Tensor) -> list[PairPlan]:
 
 @torch.no_grad()
 def layer_scores(lazy, layer: int, kinds, pair_plans: dict[str, list[PairPlan]]) -> dict[str, torch.Tensor]:
-    """Each kind's score [h] for `layer` (see analysis.DETECTORS), from rot_q / rot_k and one attention pass."""
+    """Each kind's score [h] for `layer` (see detectors.DETECTORS), from rot_q / rot_k and one attention pass."""
     piece, scale = lazy.pieces[layer], lazy.scale
     p = piece.queries
     q = piece.rot_q(0, p, slice(None)).transpose(1, 2).float()  # [b, h, p, d]

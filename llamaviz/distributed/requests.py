@@ -20,7 +20,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from .cache import DynamicCache, StaticCache
+from llamaviz.llama.cache import DynamicCache, StaticCache
 
 IDLE_TIMEOUT = datetime.timedelta(days=7)  # how long a follower waits for rank 0's next request
 _STOP = "stop"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from llamaviz.generation import generate
+from llamaviz.run.generation import generate
 
 SUPPORTED_TASKS = ("text-generation",)
 
@@ -52,7 +52,7 @@ def _load_model(model, dtype, device, model_kwargs: dict):
 
 
 def _load_tokenizer(tokenizer, model):
-    from llamaviz.tokenizer import AutoTokenizer
+    from llamaviz.tokenizers import AutoTokenizer
 
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llamaviz import causal_scores
+from llamaviz.interpret import causal_scores
 from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.llama.lazy_patterns import pattern_rows
 
