@@ -42,6 +42,7 @@ _LAZY = {
     "FactoredMatrix": "llamaviz.llama.factored_matrix",
     "test_prompt": "llamaviz.interpret.utils",
     "load": "llamaviz.run.loading",
+    "HookedTransformer": "llamaviz.tl",
 }
 # Modules that moved into the layered packages, still importable and reachable as attributes under their old names.
 MOVED = {
@@ -55,7 +56,7 @@ MOVED = {
 }
 # Packages reachable as attributes (llamaviz.plots.head_grid) without an import line.
 _PACKAGES = ("checkpoints", "distributed", "interpret", "llama", "notebook", "plots", "run", "terminal",
-             "tokenizers", "features", "graphs")
+             "tokenizers", "tl")
 
 for _slot, _target in {
     "load_pretrained": "llamaviz.checkpoints.loading:load_pretrained",

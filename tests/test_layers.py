@@ -59,11 +59,12 @@ def test_relative_imports_and_the_root_count(planted):
     assert any("imports llamaviz (" in line for line in found)
 
 
-def test_the_table_is_the_order_the_readme_shows():
+def test_the_readme_map_lists_the_layers_in_the_tables_order():
     readme = (PACKAGE.parent / "README.md").read_text()
-    positions = [readme.index(f"`{members[0]}/`" if members[0] not in ("cli", "layers") else f"`{members[0]}.py`")
-                 for members in LAYERS]
-    assert positions == sorted(positions[::-1], reverse=True) or positions == sorted(positions)
+    layout = readme[readme.index("## Layout"):]
+    names = [f"`{members[0]}/`" if members[0] != "cli" else "`cli.py`" for members in LAYERS]
+    positions = [layout.index(f"| {name} |") for name in names]
+    assert positions == sorted(positions)
 
 
 def test_graph_sees_function_level_imports():

@@ -181,11 +181,11 @@ def test_show_tokens_colours_by_the_models_logprobs(model_and_tok, clean_run):
 @pytest.mark.slow
 def test_open_view_regenerates_the_figures(model_and_tok, clean_run, default_gguf, tmp_path,
                                            monkeypatch):
-    import llamaviz
+    from llamaviz.run import loading
 
     model, tok = model_and_tok
     loaded = []
-    monkeypatch.setattr(llamaviz, "load", lambda path=None: loaded.append(path) or (model, tok))
+    monkeypatch.setattr(loading, "load", lambda path=None: loaded.append(path) or (model, tok))
     path = tmp_path / "view.json"
     path.write_text(json.dumps({"model": str(default_gguf), "prompt": PROMPT, "seed": 1234,
                                 "settings": {"layer": 5, "head": 1, "log_scale": True}}))

@@ -17,7 +17,7 @@ import plotly.io as pio
 
 from llamaviz import plots
 
-from llamaviz.app import files, long_views, views
+from llamaviz.app import attention, files, views
 from llamaviz.app.state import Run
 
 FIGURES = ("attention", "head grid", "head overview", "logit lens", "tokens", "residual norms")
@@ -45,18 +45,14 @@ def figure(run: Run, which: str, options: ViewOptions, static: bool):
     """The named figure of this run: plotly, or its matplotlib twin when `static`."""
     layer, head = views.check_layer_head(run, options.layer, options.head)
     style = {"drop_first": options.drop_first, "log_scale": options.log_scale}
-    if static and which in ("attention", "head grid") and long_views.is_long(run):
-        raise ValueError(f"a PNG of the {which} of {len(run.cached_tokens)} tokens would hold the whole "
-                         "[heads, T, T] pattern; export it as HTML (the pooled figure), or zoom and export that")
     if which == "attention":
         if not static:
             return views.attention_figure(run, layer, head, **style)
-        return plots.attention_heatmap_mpl(views.pattern(run, layer), run.cached_tokens, head=head, layer=layer,
-                                           **style)
+        return attention.heatmap_figure(run, layer, head, **style, static=True)
     if which == "head grid":
         if not static:
             return views.head_grid_figure(run, layer, **style)
-        return plots.head_grid_mpl(views.pattern(run, layer), run.cached_tokens, layer=layer, **style)
+        return attention.grid_figure(run, layer, **style, static=True)
     if which == "head overview":
         if not static:
             return views.overview_figure(run, options.score)

@@ -12,7 +12,7 @@ import time
 
 import gradio as gr
 
-from llamaviz.app import export, intervene, long_views, views
+from llamaviz.app import attention, export, intervene, views
 from llamaviz.app.generating import Generation, encode_prompt, has_chat_template, token_budget
 from llamaviz.app.models import REGISTRY
 from llamaviz.app.state import BrowserState, Settings, release_state, trim_heap
@@ -211,7 +211,7 @@ def draw_zoom(state, layer, head, mean, q0, q1, k0, k1):
     try:
         run = current_run(state)
         layer, picked = views.check_layer_head(run, layer, head_value(head, mean))
-        figure = long_views.window_figure(run, layer, picked, (q0, q1), (k0, k1))
+        figure = attention.window_figure(run, layer, picked, (q0, q1), (k0, k1))
     except Exception as err:
         return gr.skip(), failure(err)
     return figure, gr.skip()
@@ -222,7 +222,7 @@ def draw_text(state, layer, head, mean, position, direction):
     try:
         run = current_run(state)
         layer, picked = views.check_layer_head(run, layer, head_value(head, mean))
-        text = long_views.text_view_html(run, layer, picked, position, direction)
+        text = attention.text_view_html(run, layer, picked, position, direction)
     except Exception as err:
         return gr.skip(), failure(err)
     return text, gr.skip()

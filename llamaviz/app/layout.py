@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from llamaviz.app import export, handlers, long_views, views, workbench_tabs
+from llamaviz.app import attention, export, handlers, views, workbench_tabs
 from llamaviz.app.compare import Workbench
 from llamaviz.app.models import list_checkpoints, peek_config
 from llamaviz.app.state import MAX_NEW_TOKENS, SESSION_TTL_S, BrowserState, release_state
@@ -157,12 +157,12 @@ def _attention_tab(c: dict, layers: int, heads: int) -> None:
                 c["score_note"] = gr.Markdown(views.SCORE_HELP["entropy"], elem_id="score-note")
             with gr.Column(scale=3):
                 c["overview"] = gr.Plot(label="Layer x head overview", elem_id="head-overview")
-        _long_view_controls(c)
+        _zoom_and_text_controls(c)
 
 
-def _long_view_controls(c: dict) -> None:
-    """Zoom into exact cells of a long pattern, and read the text shaded by one token's attention."""
-    with gr.Accordion("Zoom and text view (long texts)", open=False, elem_id="long-views"):
+def _zoom_and_text_controls(c: dict) -> None:
+    """Zoom into exact cells of the pattern, and read the text shaded by one token's attention."""
+    with gr.Accordion("Zoom and text view", open=False, elem_id="long-views"):
         with gr.Row():
             c["zoom_q0"] = gr.Number(0, label="First query", precision=0, elem_id="zoom-q0", min_width=90)
             c["zoom_q1"] = gr.Number(63, label="Last query", precision=0, elem_id="zoom-q1", min_width=90)
@@ -172,7 +172,7 @@ def _long_view_controls(c: dict) -> None:
         with gr.Row():
             c["text_position"] = gr.Number(0, label="Token position", precision=0, elem_id="text-position",
                                            info="or click a token below", min_width=120)
-            c["text_direction"] = gr.Radio(list(long_views.DIRECTIONS), value="attends to", label="Shade by",
+            c["text_direction"] = gr.Radio(list(attention.DIRECTIONS), value="attends to", label="Shade by",
                                            elem_id="text-direction")
         c["text_view"] = gr.HTML(elem_id="attention-text")
 

@@ -27,7 +27,7 @@ from llamaviz.llama.masks import build_mask
 from llamaviz.plots.tokens import display_token, token_labels
 from llamaviz.terminal import render_html
 
-from llamaviz.app import long_views, payload
+from llamaviz.app import attention, payload
 from llamaviz.app.state import LIVE_RUNS, Run
 
 LENS_WIDTH = 24  # positions the logit lens shows at once (each costs layers x vocab x hidden)
@@ -124,18 +124,19 @@ def pattern(run: Run, layer: int) -> torch.Tensor:
 
 
 def attention_figure(run: Run, layer, head, drop_first: bool = False, log_scale: bool = False) -> go.Figure:
+    """One head's heatmap (or the layer mean's) at any length, through the attention module's one path."""
     layer, head = check_layer_head(run, layer, head)
-    if long_views.is_long(run):  # pooled: drop_first / log_scale apply to exact cells (zoom)
-        return memo(run, ("attention-pooled", layer, head), lambda: long_views.overview_figure(run, layer, head))
-    return memo(run, ("attention", layer, head, drop_first, log_scale), lambda: payload.compact_figure(
-        plots.attention_heatmap(pattern(run, layer), run.cached_tokens, head=head, layer=layer,
-                                drop_first=drop_first, log_scale=log_scale), payload.ATTENTION_CELLS, log_scale))
+    return memo(run, ("attention", layer, head, drop_first, log_scale),
+                lambda: attention.heatmap_figure(run, layer, head, drop_first, log_scale))
 
 
 def warm_attention(run: Run, layer: int, drop_first: bool = False, log_scale: bool = False) -> threading.Thread:
-    """Build every head's heatmap of a layer in the background, so a head slider move only sends one."""
+    """Build every head's heatmap of a layer in the background, so a head slider move only sends one.
+
+    Only where a heatmap is cheap (exact cells, at most ATTENTION_CELLS positions): warming pooled
+    views of thousands of tokens would hold the CPU that the page's next request needs."""
     def work() -> None:
-        if long_views.is_long(run):  # pooled views are drawn on demand: warming them would hold the CPU
+        if len(run.cached_tokens) > attention.ATTENTION_CELLS:
             return
         for head in [*range(num_heads(run)), "mean"]:
             if run.cache is None:
@@ -149,11 +150,8 @@ def warm_attention(run: Run, layer: int, drop_first: bool = False, log_scale: bo
 
 def head_grid_figure(run: Run, layer, drop_first: bool = False, log_scale: bool = False) -> go.Figure:
     layer, _ = check_layer_head(run, layer, "mean")
-    if long_views.is_long(run):
-        return memo(run, ("grid-pooled", layer), lambda: long_views.grid_figure(run, layer))
-    return memo(run, ("grid", layer, drop_first, log_scale), lambda: payload.compact_figure(
-        plots.head_grid(pattern(run, layer), run.cached_tokens, layer=layer, drop_first=drop_first,
-                        log_scale=log_scale), payload.GRID_CELLS, log_scale))
+    return memo(run, ("grid", layer, drop_first, log_scale),
+                lambda: attention.grid_figure(run, layer, drop_first, log_scale))
 
 
 def head_scores(run: Run, score: str) -> torch.Tensor:

@@ -117,9 +117,9 @@ def open_view(path: str | Path, model=None, tok=None) -> View:
     its token ids (or its prompt, when the file has none) and regenerate the figures with its settings."""
     view = read_view(path)
     if model is None or tok is None:
-        from llamaviz.run.loading import load
+        from llamaviz.run import loading
 
-        model, tok = load(view["model"])
+        model, tok = loading.load(view["model"])
     enable_offline()
     settings = view["settings"]
     layer, head = _layer(model, settings["layer"]), _head(model, settings["head"])

@@ -10,11 +10,12 @@ from llamaviz.plots.figures import (attention_heatmap, attention_window, head_gr
 from llamaviz.plots.pooling import max_pool, pattern_reader, pooled_pattern
 from llamaviz.plots.html import tokens_html
 from llamaviz.plots.static import (attention_heatmap_mpl, head_grid_mpl, head_overview_mpl, logit_lens_mpl,
+                     panel_grid_mpl, pooled_attention_heatmap_mpl,
                      resid_norms_mpl, token_logprobs_mpl)
 from llamaviz.plots.tokens import display_token, position_labels
 
 __all__ = [
-    "attention_heatmap", "attention_heatmap_mpl", "attention_window", "pooled_attention_heatmap",
+    "attention_heatmap", "attention_heatmap_mpl", "panel_grid_mpl", "pooled_attention_heatmap_mpl", "attention_window", "pooled_attention_heatmap",
     "panel_grid", "max_pool", "pattern_reader", "pooled_pattern", "head_grid", "head_grid_mpl", "head_overview",
     "head_overview_mpl", "logit_lens", "logit_lens_mpl", "resid_norms", "resid_norms_mpl",
     "token_logprobs", "token_logprobs_mpl", "tokens_html",

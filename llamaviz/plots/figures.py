@@ -88,14 +88,17 @@ def attention_heatmap(pattern: Tensor, tokens: Sequence[str], key_tokens: Sequen
                                          hovertemplate=ATTENTION_HOVER))
 
 
-POOLED_HOVER = "query block %{y}<br>key block %{x}<br>max weight %{z:.4f}<extra></extra>"
+POOLED_HOVER = "query block %{y}<br>key block %{x}<br>max weight %{customdata:.4f}<extra></extra>"
 
 
 def pooled_attention_heatmap(pooled: pooling.Pooled, tokens: Sequence[str], key_tokens: Sequence[str] | None = None,
-                             *, title: str = "") -> go.Figure:
-    """A long pattern's overview: each cell the largest weight of its block, block ranges on hover."""
-    panel = pooling.pooled_panel(pooled, tokens, key_tokens, title)
-    return _single(panel, _heatmap_trace(panel, hovertemplate=POOLED_HOVER), cell=2)
+                             *, title: str = "", log_scale: bool = False) -> go.Figure:
+    """A pattern at any length: exact cells while the blocks are one position, else each cell the
+    largest weight of its block, block ranges on hover."""
+    panel = pooling.pooled_panel(pooled, tokens, key_tokens, title, log_scale)
+    if pooled.block == 1:
+        return _single(panel, _heatmap_trace(panel, customdata=panel.values, hovertemplate=ATTENTION_HOVER))
+    return _single(panel, _heatmap_trace(panel, customdata=panel.values, hovertemplate=POOLED_HOVER), cell=2)
 
 
 def attention_window(read_rows: pooling.RowReader, tokens: Sequence[str], queries: tuple[int, int],

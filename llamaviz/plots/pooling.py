@@ -17,8 +17,8 @@ import torch
 
 from llamaviz.interpret import causal_scores
 
-from llamaviz.plots.panels import Head, Heatmap
-from llamaviz.plots.tokens import display_token, shorten
+from llamaviz.plots.panels import Head, Heatmap, log_floor
+from llamaviz.plots.tokens import display_token, position_labels, shorten
 
 MAX_CELLS = 512  # an overview is at most this many blocks per side
 BAND_ROWS = 1024  # query rows read at once while pooling (about 1024 x T floats per head)
@@ -28,11 +28,21 @@ RowReader = Callable[[int, int], torch.Tensor]  # (start, stop) -> weights [stop
 
 @dataclass(frozen=True)
 class Pooled:
-    """values [R, C]: the largest weight of each block; edges [R + 1] / [C + 1]: block boundaries."""
+    """values [R, C]: the largest weight of each block; edges [R + 1] / [C + 1]: block boundaries.
+
+    first_key: the position of column edge 0 (1 when the first key was dropped and rows renormalised).
+    NaN marks a block with no weight at all (query 0 once its only key is dropped).
+    """
 
     values: np.ndarray
     row_edges: np.ndarray
     col_edges: np.ndarray
+    first_key: int = 0
+
+    @property
+    def block(self) -> int:
+        """Positions per block side (1: every cell is exact)."""
+        return int(self.row_edges[1] - self.row_edges[0])
 
     def block_of(self, query: int, key: int) -> tuple[int, int]:
         """(row block, column block) holding cell (query, key)."""
@@ -48,10 +58,12 @@ def block_edges(length: int, cells: int = MAX_CELLS) -> np.ndarray:
     return np.append(np.arange(0, length, size), length)
 
 
-def max_pool(read_rows: RowReader, queries: int, keys: int, cells: int = MAX_CELLS, log_weights: bool = False) -> Pooled:
+def max_pool(read_rows: RowReader, queries: int, keys: int, cells: int = MAX_CELLS, log_weights: bool = False,
+             first_key: int = 0) -> Pooled:
     """Max-pool a [queries, keys] pattern read band by band; weights >= 0, so missing keys count as 0.
 
     log_weights: the reader gives log weights (masked keys -inf); the maxima are exponentiated at the end.
+    NaN rows (no weight at all) are left out of their block's maximum; an all-NaN block stays NaN.
     """
     row_edges, col_edges = block_edges(queries, cells), block_edges(keys, cells)
     row_size, col_size = int(row_edges[1] - row_edges[0]), int(col_edges[1] - col_edges[0])
@@ -62,6 +74,8 @@ def max_pool(read_rows: RowReader, queries: int, keys: int, cells: int = MAX_CEL
     for start in range(0, queries, band):
         stop = min(queries, start + band)
         rows = read_rows(start, stop).float()  # [c, k'], k' <= keys: the keys these queries may see
+        if not log_weights:
+            rows = rows.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
         row_blocks, seen = math.ceil(rows.shape[0] / row_size), math.ceil(rows.shape[1] / col_size)
         if rows.shape != (row_blocks * row_size, seen * col_size):  # pad the last blocks with "no weight"
             padded = rows.new_full((row_blocks * row_size, seen * col_size), missing)
@@ -72,15 +86,24 @@ def max_pool(read_rows: RowReader, queries: int, keys: int, cells: int = MAX_CEL
         band_max[:, :seen] = per_key_block.view(row_blocks, row_size, seen).amax(dim=1)
         pooled.append(band_max)  # [rb, C]
     values = torch.cat(pooled)
-    return Pooled((values.exp() if log_weights else values).cpu().numpy().astype(np.float64), row_edges, col_edges)
+    values = values.exp() if log_weights else values.masked_fill(values == -math.inf, math.nan)
+    return Pooled(values.cpu().numpy().astype(np.float64), row_edges, col_edges, first_key)
 
 
-def pooled_pattern(cache, layer: int, head: Head, length: int, cells: int = MAX_CELLS, batch: int = 0) -> Pooled:
+def pooled_pattern(cache, layer: int, head: Head, length: int, cells: int = MAX_CELLS, batch: int = 0,
+                   drop_first: bool = False) -> Pooled:
     """One head's (or the heads' mean) [length, length] pattern of a cache, max-pooled to at most `cells` blocks per side.
 
-    A head of a plain causal lazy layer is pooled in log space (max of s - lse, then exp: the same
-    maxima, without a softmax pass over every cell); anything else pools the pattern's rows.
+    Up to `cells` positions the blocks are single cells: the exact pattern. A head of a plain causal
+    lazy layer is pooled in log space (max of s - lse, then exp: the same maxima, without a softmax
+    pass over every cell); anything else pools the pattern's rows. drop_first: key 0 (the attention
+    sink) left out and each row renormalised before pooling, as plots.attention_heatmap does.
     """
+    if drop_first:
+        if length < 2:
+            raise ValueError("drop_first needs at least 2 key positions; the pattern has 1")
+        rows = without_first_key(pattern_reader(cache, layer, head, batch))
+        return max_pool(rows, length, length - 1, cells, first_key=1)
     lazy = cache.lazy
     if head != "mean" and lazy is not None and causal_scores.applies(lazy, layer) \
             and lazy.pieces[layer].queries == length:
@@ -121,9 +144,19 @@ def pattern_reader(cache, layer: int, head: Head, batch: int = 0) -> RowReader:
     return read
 
 
-def block_label(edges: np.ndarray, index: int, tokens: Sequence[str]) -> str:
-    """ "a–b: first…last" for block `index` (positions a..b inclusive)."""
-    start, stop = int(edges[index]), int(edges[index + 1]) - 1
+def without_first_key(read_rows: RowReader) -> RowReader:
+    """Rows [c, k' - 1] of a reader without key 0, renormalised; a row with no weight left is NaN."""
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        rest = read_rows(start, stop).float()[:, 1:]  # [c, k' - 1]
+        return rest / rest.sum(-1, keepdim=True)  # 0 / 0 = NaN: query 0 attends only to key 0
+
+    return read
+
+
+def block_label(edges: np.ndarray, index: int, tokens: Sequence[str], offset: int = 0) -> str:
+    """ "a–b: first…last" for block `index` (positions a..b inclusive, edges counted from `offset`)."""
+    start, stop = int(edges[index]) + offset, int(edges[index + 1]) - 1 + offset
     first = shorten(display_token(tokens[start]), 12)
     if start == stop:
         return f"{start}: {first}"
@@ -131,19 +164,28 @@ def block_label(edges: np.ndarray, index: int, tokens: Sequence[str]) -> str:
 
 
 def pooled_panel(pooled: Pooled, tokens: Sequence[str], key_tokens: Sequence[str] | None = None,
-                 title: str = "") -> Heatmap:
-    """The overview as a Heatmap panel; each row/column label names its block's position range."""
+                 title: str = "", log_scale: bool = False) -> Heatmap:
+    """A pooled pattern as a Heatmap panel: "i: token" labels at one position per block (the exact
+    view), else each label names its block's position range."""
     key_tokens = tokens if key_tokens is None else key_tokens
     rows, cols = pooled.values.shape
-    if pooled.row_edges[-1] != len(tokens) or pooled.col_edges[-1] != len(key_tokens):
-        raise ValueError(f"pooled pattern covers {pooled.row_edges[-1]} queries and {pooled.col_edges[-1]} "
-                         f"keys; got {len(tokens)} tokens and {len(key_tokens)} key tokens")
-    size = int(pooled.row_edges[1] - pooled.row_edges[0])
-    suffix = f" (max over {size} x {int(pooled.col_edges[1] - pooled.col_edges[0])} blocks)" if size > 1 else ""
-    return Heatmap(values=pooled.values, x_labels=[block_label(pooled.col_edges, i, key_tokens) for i in range(cols)],
-                   y_labels=[block_label(pooled.row_edges, i, tokens) for i in range(rows)],
-                   title=(title + suffix).strip(), x_title="key block", y_title="query block",
-                   colorbar_title="max weight", colorscale="Blues", zmin=0.0, zmax=1.0)
+    if pooled.row_edges[-1] != len(tokens) or pooled.col_edges[-1] + pooled.first_key != len(key_tokens):
+        raise ValueError(f"pooled pattern covers {pooled.row_edges[-1]} queries and "
+                         f"{pooled.col_edges[-1] + pooled.first_key} keys; got {len(tokens)} tokens and "
+                         f"{len(key_tokens)} key tokens")
+    if pooled.first_key:
+        title = f"{title} (first key dropped, rows renormalised)"
+    exact = pooled.block == 1 and int(pooled.col_edges[1] - pooled.col_edges[0]) == 1
+    if exact:
+        x_labels, y_labels = position_labels(key_tokens)[pooled.first_key:], position_labels(tokens)
+    else:
+        title += f" (max over {pooled.block} x {int(pooled.col_edges[1] - pooled.col_edges[0])} blocks)"
+        x_labels = [block_label(pooled.col_edges, i, key_tokens, pooled.first_key) for i in range(cols)]
+        y_labels = [block_label(pooled.row_edges, i, tokens) for i in range(rows)]
+    return Heatmap(values=pooled.values, x_labels=x_labels, y_labels=y_labels, title=title.strip(),
+                   x_title="key" if exact else "key block", y_title="query" if exact else "query block",
+                   colorbar_title="weight" if exact else "max weight", colorscale="Blues",
+                   zmin=log_floor(pooled.values) if log_scale else 0.0, zmax=1.0, log_scale=log_scale)
 
 
 def window_panel(read_rows: RowReader, tokens: Sequence[str], queries: tuple[int, int], keys: tuple[int, int],

@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from llamaviz.plots import panels
+from llamaviz.plots import panels, pooling
 from llamaviz.plots.checks import check_name
 from llamaviz.plots.panels import Alternatives, Head, Heatmap, Tensor
 
@@ -99,7 +99,11 @@ def attention_heatmap_mpl(pattern: Tensor, tokens: Sequence[str], key_tokens: Se
 def head_grid_mpl(pattern: Tensor, tokens: Sequence[str], key_tokens: Sequence[str] | None = None, *,
                   layer: int, drop_first: bool = False, log_scale: bool = False) -> Figure:
     """Matplotlib twin of plots.head_grid (tick labels left off the small multiples)."""
-    grid = panels.head_grid_panels(pattern, tokens, key_tokens, layer, drop_first, log_scale)
+    return panel_grid_mpl(panels.head_grid_panels(pattern, tokens, key_tokens, layer, drop_first, log_scale), layer)
+
+
+def panel_grid_mpl(grid: list[Heatmap], layer: int) -> Figure:
+    """Matplotlib twin of plots.panel_grid: one layer's head panels (exact or pooled) as small multiples."""
     cols = math.ceil(math.sqrt(len(grid)))
     rows = math.ceil(len(grid) / cols)
     fig = Figure(figsize=(2.4 * cols + 1, 2.4 * rows + 0.6), layout="constrained")
@@ -111,6 +115,13 @@ def head_grid_mpl(pattern: Tensor, tokens: Sequence[str], key_tokens: Sequence[s
     fig.colorbar(image, ax=axes, label=grid[0].colorbar_title, shrink=0.8)
     fig.suptitle(f"L{layer}: all {len(grid)} heads")
     return fig
+
+
+def pooled_attention_heatmap_mpl(pooled: pooling.Pooled, tokens: Sequence[str], *, title: str = "",
+                                 log_scale: bool = False) -> Figure:
+    """Matplotlib twin of plots.pooled_attention_heatmap (exact cells while the blocks are one position)."""
+    panel = pooling.pooled_panel(pooled, tokens, title=title, log_scale=log_scale)
+    return _single(panel, width=min(12.0, max(5.0, 0.22 * panel.values.shape[1] + 3)))
 
 
 def head_overview_mpl(scores: Tensor, score_name: str) -> Figure:

@@ -322,7 +322,7 @@ def test_a_4000_token_prompt_pools_zooms_and_shades_the_text(browser, server):
     move_slider(page, "#head", 4)
     page.wait_for_function("() => ((document.querySelector('#attention-plot .gtitle') || {}).textContent || '')"
                            ".startsWith('L0 H4 (max over')")
-    page.get_by_text("Zoom and text view (long texts)").click()
+    page.get_by_text("Zoom and text view").click()
     for box, value in (("#zoom-q0", 3900), ("#zoom-q1", 3931), ("#zoom-k0", 0), ("#zoom-k1", 31)):
         page.fill(f"{box} input", str(value))
     page.click("#zoom")

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from llamaviz import analysis
-from llamaviz.app import generating, handlers, long_views, models, state as app_state, views
+from llamaviz import plots
+from llamaviz.app import attention, generating, handlers, models, state as app_state, views
 from llamaviz.run.generation import generate as library_generate
 from llamaviz.llama.activation_cache import ActivationCache
 from llamaviz.notebook import read_view
@@ -560,7 +561,7 @@ def long_session(path, entry):
     outputs = run_generate(state, path, prompt, max_new_tokens=2)
     assert not is_error(outputs[-1][1]), outputs[-1][1]
     run = state.run
-    assert len(run.cached_tokens) > long_views.LONG
+    assert len(run.cached_tokens) > attention.ATTENTION_CELLS
     with entry.lock, torch.no_grad():
         _, cache = entry.model.run_with_cache(run.ids[:, :-1], names_filter="blocks.7.attn.hook_pattern")
     return state, cache["pattern", 7][0]  # [h, T, T]
@@ -576,7 +577,7 @@ def test_long_texts_pool_zoom_and_shade_the_text_with_exact_values(long_session)
     state, pattern = long_session
     n = pattern.shape[-1]
     figure, _, _ = handlers.draw_attention(state, 7, 3, False, False, False)
-    size = -(-n // 512)
+    size = -(-n // attention.ATTENTION_CELLS)
     np.testing.assert_allclose(np.asarray(figure.data[0].z), brute_force_pool(pattern[3].numpy(), size), atol=1e-4)
     assert "max over" in figure.layout.title.text and "–" in figure.data[0].y[0]
     zoom, status = handlers.draw_zoom(state, 7, 3, False, 600, 640, 0, 40)
@@ -590,21 +591,52 @@ def test_long_texts_pool_zoom_and_shade_the_text_with_exact_values(long_session)
     column = pattern.mean(0)[:, 5]
     assert f'title="{int(column.argmax())}: weight {column.max().item():.4f}"' in reverse
     grid, _, _, _ = handlers.draw_layer(state, 7, False, False)
-    assert len(grid.data) == 9 and np.asarray(grid.data[0].z).shape[0] <= long_views.GRID_CELLS
+    assert len(grid.data) == 9 and np.asarray(grid.data[0].z).shape[0] <= attention.GRID_CELLS
     _, status = handlers.draw_zoom(state, 7, 3, False, 600, n + 5, 0, 40)
     assert is_error(status) and f"outside the {n} positions" in status
     _, status = handlers.draw_text(state, 7, 3, False, n, "attends to")
     assert is_error(status) and f"0..{n - 1}" in status
 
 
-def test_long_texts_export_html_but_refuse_a_full_pattern_png(long_session):
+def test_long_texts_export_the_pooled_figure_as_png_and_html(long_session):
     state, _ = long_session
     options = (7, 3, False, False, False, "entropy", None)
     png, message = handlers.export_png(state, "attention", *options)
-    assert not isinstance(png, str)  # nothing written
-    assert is_error(message) and "whole [heads, T, T] pattern" in message and "HTML" in message
+    assert not is_error(message) and Path(png).read_bytes().startswith(b"\x89PNG")
     html, message = handlers.export_html(state, "attention", *options)
     assert not is_error(message) and Path(html).read_text().count("max over") >= 1
+
+
+def test_short_texts_go_through_the_same_views_with_exact_cells(path, entry):
+    """At pooling factor 1 the one attention path gives today's exact heatmap, grid, zoom and text view."""
+    state = app_state.BrowserState()
+    outputs = run_generate(state, path, PROMPT, max_new_tokens=2)
+    assert not is_error(outputs[-1][1]), outputs[-1][1]
+    run = state.run
+    with entry.lock, torch.no_grad():
+        _, cache = entry.model.run_with_cache(run.ids[:, :-1], names_filter="blocks.4.attn.hook_pattern")
+    pattern = cache["pattern", 4][0]  # [h, T, T]
+    n = pattern.shape[-1]
+    assert n <= attention.ATTENTION_CELLS
+    for head, drop_first, log_scale in ((2, False, False), ("mean", False, False), (2, True, False), (2, False, True)):
+        figure, _, _ = handlers.draw_attention(state, 4, 0 if head == "mean" else head, head == "mean", drop_first,
+                                               log_scale)
+        exact = plots.attention_heatmap(pattern, run.cached_tokens, head=head, layer=4, drop_first=drop_first,
+                                        log_scale=log_scale)
+        np.testing.assert_allclose(np.asarray(figure.data[0].customdata, dtype=float),
+                                   np.asarray(exact.data[0].customdata, dtype=float), atol=1e-6, equal_nan=True)
+        assert list(figure.data[0].x) == list(exact.data[0].x) and list(figure.data[0].y) == list(exact.data[0].y)
+    grid, _, _, _ = handlers.draw_layer(state, 4, False, False)
+    exact_grid = plots.head_grid(pattern, run.cached_tokens, layer=4)
+    for ours, theirs in zip(grid.data, exact_grid.data):
+        np.testing.assert_allclose(np.asarray(ours.z, dtype=float), np.asarray(theirs.z, dtype=float), atol=1e-6)
+    zoom, _ = handlers.draw_zoom(state, 4, 2, False, 3, n - 1, 0, 5)
+    np.testing.assert_allclose(np.asarray(zoom.data[0].z), pattern[2, 3:n, :6].numpy(), atol=1e-6)
+    text, _ = handlers.draw_text(state, 4, 2, False, n - 1, "attends to")
+    top = int(pattern[2, n - 1].argmax())
+    assert text.count("data-pos=") == n and f'title="{top}: weight {pattern[2, n - 1, top].item():.4f}"' in text
+    png, message = handlers.export_png(state, "head grid", 4, 2, False, False, False, "entropy", None)
+    assert not is_error(message) and Path(png).read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_status_line_follows_the_prompts_prefill_layer_by_layer(path, monkeypatch):

@@ -1,14 +1,16 @@
-"""The attention tab at thousands of tokens: pooled overviews, zoomed windows and a text view.
+"""The attention tab at every length, on one path: heatmap, head grid, zoomed window, text shading.
 
-Above LONG positions a T x T heatmap has more cells than the screen has pixels, so the heatmap
-and the head grid are max-pooled (llamaviz.plots.pooling; a sharp attention to one far token
-stays visible), a query/key window shows exact cells, and the text view shades the text itself
-by how much one token attends to every earlier token (or is attended by every later one).
-Patterns are lazy: each view computes only the head and rows it shows.
+Each view max-pools the pattern to what the plot can show (llamaviz.plots.pooling): the pooling
+factor is 1, so every cell exact, up to ATTENTION_CELLS positions (GRID_CELLS per head in the grid)
+and grows above it (a sharp attention to one far token stays visible). drop_first and log_scale
+apply at every factor. A query/key window shows exact cells, and the text view shades the text by
+how much one token attends to every earlier token (or is attended by every later one). Patterns
+may be lazy: each view computes only the head and rows it shows. Results are memoised on the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 
 import plotly.graph_objects as go
@@ -16,18 +18,16 @@ import torch
 
 from llamaviz import plots
 from llamaviz.llama.lazy_patterns import pattern_rows
-from llamaviz.plots import pooling
+from llamaviz.plots import panels, pooling
 from llamaviz.plots.tokens import display_token
 
+from llamaviz.app import payload
 from llamaviz.app.state import Run
 
-LONG = 512  # above this many positions the attention views are pooled
-GRID_CELLS = 96  # blocks per side of each head's panel in a pooled head grid
+ATTENTION_CELLS = 160  # positions per side the heatmap shows cell by cell; longer runs are pooled
+GRID_CELLS = 48  # per side of each head's panel in the head grid
+WINDOW_CELLS = 512 * 512  # exact cells a zoomed window may hold
 DIRECTIONS = ("attends to", "attended by")
-
-
-def is_long(run: Run) -> bool:
-    return len(run.cached_tokens) > LONG
 
 
 def reader(run: Run, layer: int, head) -> pooling.RowReader:
@@ -38,11 +38,36 @@ def _title(layer: int, head) -> str:
     return f"L{layer} " + ("mean of heads" if head == "mean" else f"H{head}")
 
 
-def overview_figure(run: Run, layer: int, head) -> go.Figure:
-    """The whole pattern max-pooled to at most pooling.MAX_CELLS blocks per side; block ranges on hover."""
-    n = len(run.cached_tokens)
-    pooled = pooling.pooled_pattern(run.activations(), layer, head, n)
-    return plots.pooled_attention_heatmap(pooled, run.cached_tokens, title=_title(layer, head))
+def pooled(run: Run, layer: int, head, cells: int, drop_first: bool = False) -> pooling.Pooled:
+    """One head's (or the mean's) pattern over the run's positions, pooled to at most `cells` blocks per side."""
+    return pooling.pooled_pattern(run.activations(), layer, head, len(run.cached_tokens), cells,
+                                  drop_first=drop_first)
+
+
+def heatmap_figure(run: Run, layer: int, head, drop_first: bool = False, log_scale: bool = False,
+                   static: bool = False):
+    """The heatmap of one head or the mean of the layer (matplotlib when `static`)."""
+    grid = pooled(run, layer, head, ATTENTION_CELLS, drop_first)
+    if static:
+        return plots.pooled_attention_heatmap_mpl(grid, run.cached_tokens, title=_title(layer, head),
+                                                  log_scale=log_scale)
+    return payload.float32_traces(plots.pooled_attention_heatmap(grid, run.cached_tokens, title=_title(layer, head),
+                                                                 log_scale=log_scale))
+
+
+def grid_figure(run: Run, layer: int, drop_first: bool = False, log_scale: bool = False, static: bool = False):
+    """Every head of a layer, each pooled to GRID_CELLS blocks per side, on one colour axis."""
+    heads = range(run.entry.config.num_attention_heads)
+    grids = [pooled(run, layer, head, GRID_CELLS, drop_first) for head in heads]
+    if log_scale:  # one floor for every panel: they share the colour axis
+        floor = min(panels.log_floor(grid.values) for grid in grids)
+    shown = [pooling.pooled_panel(grid, run.cached_tokens, title=f"L{layer} H{head}", log_scale=log_scale)
+             for head, grid in zip(heads, grids)]
+    if log_scale:
+        shown = [dataclasses.replace(panel, zmin=floor) for panel in shown]
+    if static:
+        return plots.panel_grid_mpl(shown, layer)
+    return payload.float32_traces(plots.panel_grid(shown, layer))
 
 
 def check_window(run: Run, queries, keys) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -52,7 +77,7 @@ def check_window(run: Run, queries, keys) -> tuple[tuple[int, int], tuple[int, i
     if not (0 <= q0 < q1 <= n and 0 <= k0 < k1 <= n):
         raise ValueError(f"the window queries {q0}–{q1 - 1}, keys {k0}–{k1 - 1} is outside the {n} positions "
                          f"(accepted: 0 <= first <= last <= {n - 1})")
-    if (q1 - q0) * (k1 - k0) > 512 * 512:
+    if (q1 - q0) * (k1 - k0) > WINDOW_CELLS:
         raise ValueError(f"the window has {(q1 - q0) * (k1 - k0):,} cells; zoom to at most 512 x 512 exact cells")
     return (q0, q1), (k0, k1)
 
@@ -61,15 +86,6 @@ def window_figure(run: Run, layer: int, head, queries, keys) -> go.Figure:
     """Exact cells of a query/key window with token labels at their true positions."""
     q, k = check_window(run, queries, keys)
     return plots.attention_window(reader(run, layer, head), run.cached_tokens, q, k, title=_title(layer, head))
-
-
-def grid_figure(run: Run, layer: int) -> go.Figure:
-    """Every head of a layer, each max-pooled to GRID_CELLS blocks per side."""
-    n, tokens = len(run.cached_tokens), run.cached_tokens
-    panels = [pooling.pooled_panel(pooling.pooled_pattern(run.activations(), layer, head, n, GRID_CELLS), tokens,
-                                   title=f"L{layer} H{head}")
-              for head in range(run.entry.config.num_attention_heads)]
-    return plots.panel_grid(panels, layer)
 
 
 def text_weights(run: Run, layer: int, head, position: int, direction: str) -> torch.Tensor:
