@@ -19,7 +19,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("run",),                     # generation, streamers, pipelines, llamaviz.load
     ("interpret",),               # analyses that take a model and return numbers
     ("features",),                # dictionaries: formats, attaching, training, dashboards
-    ("graphs",),                  # attribution graphs and QK attribution
     ("plots",),                   # figures: pure functions of tensors and tokens
     ("terminal",),                # AttentionMaskVisualizer and its renderers
     ("notebook",),                # one-call helpers for notebooks

@@ -61,11 +61,13 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(m, f, bias=bias)
         self.up_proj = nn.Linear(m, f, bias=bias)
         self.down_proj = nn.Linear(f, m, bias=bias)
+        self.hook_in = HookPoint()  # [b, p, m] what the MLP reads: ln2's output, its weight applied
         self.hook_pre = HookPoint()  # [b, p, f] gate_proj output, before SiLU
         self.hook_pre_linear = HookPoint()  # [b, p, f] up_proj output
         self.hook_post = HookPoint()  # [b, p, f] silu(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hook_in(x)
         gate = self.hook_pre(self.gate_proj(x))
         up = self.hook_pre_linear(self.up_proj(x))
         return self.down_proj(self.hook_post(F.silu(gate) * up))
@@ -192,6 +194,7 @@ class LlamaModel(LlamaPreTrainedModel):
                 f"blocks.{i}.hook_mlp_in": layer.hook_mlp_in,
                 f"blocks.{i}.ln2.hook_scale": layer.post_attention_layernorm.hook_scale,
                 f"blocks.{i}.ln2.hook_normalized": layer.post_attention_layernorm.hook_normalized,
+                f"blocks.{i}.mlp.hook_in": mlp.hook_in,
                 f"blocks.{i}.mlp.hook_pre": mlp.hook_pre,
                 f"blocks.{i}.mlp.hook_pre_linear": mlp.hook_pre_linear,
                 f"blocks.{i}.mlp.hook_post": mlp.hook_post,

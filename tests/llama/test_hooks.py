@@ -12,7 +12,7 @@ EXPECTED_SHAPES = {  # b=2, p=9, h=4, g=2, d=16, m=64, f=96, v=113
     "blocks.1.attn.hook_rot_q": (2, 9, 4, 16), "blocks.1.attn.hook_rot_k": (2, 9, 2, 16),
     "blocks.1.attn.hook_attn_scores": (2, 4, 9, 9), "blocks.1.attn.hook_pattern": (2, 4, 9, 9),
     "blocks.1.attn.hook_z": (2, 9, 4, 16), "blocks.1.hook_attn_out": (2, 9, 64), "blocks.1.hook_resid_mid": (2, 9, 64),
-    "blocks.1.ln2.hook_normalized": (2, 9, 64), "blocks.1.mlp.hook_pre": (2, 9, 96),
+    "blocks.1.ln2.hook_normalized": (2, 9, 64), "blocks.1.mlp.hook_in": (2, 9, 64), "blocks.1.mlp.hook_pre": (2, 9, 96),
     "blocks.1.mlp.hook_pre_linear": (2, 9, 96), "blocks.1.mlp.hook_post": (2, 9, 96),
     "blocks.1.hook_mlp_out": (2, 9, 64), "blocks.1.hook_resid_post": (2, 9, 64),
     "ln_final.hook_normalized": (2, 9, 64), "hook_logits": (2, 9, 113),
@@ -33,7 +33,7 @@ def ids():
 
 def test_every_design_hook_exists_with_its_shape(pair, ids):
     _, ours = pair
-    assert len(ours.hook_points()) == 4 + 3 * 22
+    assert len(ours.hook_points()) == 4 + 3 * 23
     logits, cache = ours.run_with_cache(ids, names_filter=lambda name: True)
     assert set(cache) == set(ours.hook_points())
     _, default = ours.run_with_cache(ids)  # per-head results only when asked for, as in TransformerLens

@@ -85,7 +85,7 @@ def expected_shapes(config) -> dict[str, tuple]:
                  "attn.hook_attn_scores": (b, h, p, p), "attn.hook_pattern": (b, h, p, p), "attn.hook_z": (b, p, h, d),
                  "attn.hook_result": (b, p, h, m), "hook_attn_out": (b, p, m), "hook_resid_mid": (b, p, m),
                  "hook_mlp_in": (b, p, m), "ln2.hook_scale": (b, p, 1), "ln2.hook_normalized": (b, p, m),
-                 "mlp.hook_pre": (b, p, f), "mlp.hook_pre_linear": (b, p, f), "mlp.hook_post": (b, p, f),
+                 "mlp.hook_in": (b, p, m), "mlp.hook_pre": (b, p, f), "mlp.hook_pre_linear": (b, p, f), "mlp.hook_post": (b, p, f),
                  "hook_mlp_out": (b, p, m), "hook_resid_post": (b, p, m)}
     if config.model_type == "qwen3":
         per_layer.update({"attn.hook_q_normalized": (b, p, h, d), "attn.hook_k_normalized": (b, p, g, d)})

@@ -1,0 +1,122 @@
+"""SAELens's dictionary folder, both ways: cfg.json, sae_weights.safetensors, sparsity.safetensors. No pickle.
+
+cfg.json (SAELens 6): architecture, d_in, d_sae, dtype, device, apply_b_dec_to_input,
+normalize_activations, reshape_activations, metadata {model_name, hook_name, context_size,
+prepend_bos, ...}; topk adds k and rescale_acts_by_decoder_norm; transcoders d_out and
+metadata.hook_name_out. Older folders with hook_name at the top level load too. Weights:
+W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc, b_dec, threshold (jumprelu), b_gate/b_mag/r_mag
+(gated), W_skip [d_out, d_in] (skip transcoder). sparsity.safetensors: "sparsity" [d_sae], the log10
+firing frequency.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llamaviz.features.dictionary import ARCHITECTURES, Dictionary, DictionaryConfig
+
+CONFIG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+_TOP_LEVEL_META = ("hook_name", "model_name", "context_size", "prepend_bos", "hook_name_out")
+
+
+def read_config(folder: Path) -> DictionaryConfig:
+    """The folder's cfg.json as a DictionaryConfig; ValueError naming the field that is wrong."""
+    path = folder / CONFIG
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder} is not a SAELens dictionary folder: {CONFIG} is missing "
+                                f"(accepted: a folder with {CONFIG} and {WEIGHTS})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    metadata = dict(raw.get("metadata") or {})
+    for key in _TOP_LEVEL_META:  # SAELens 5.x kept these at the top
+        if key in raw and key not in metadata:
+            metadata[key] = raw[key]
+    architecture = raw.get("architecture", "standard")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {architecture!r} is not supported; accepted: {', '.join(ARCHITECTURES)}")
+    for key in ("d_in", "d_sae"):
+        if not isinstance(raw.get(key), int) or raw[key] < 1:
+            raise ValueError(f"{path}: {key} must be a positive integer, got {raw.get(key)!r}")
+    if not isinstance(metadata.get("hook_name"), str):
+        raise ValueError(f"{path}: metadata.hook_name (the hook the dictionary reads) is missing")
+    return DictionaryConfig(
+        architecture=architecture, d_in=raw["d_in"], d_sae=raw["d_sae"], hook_name=metadata.pop("hook_name"),
+        d_out=raw.get("d_out"), hook_name_out=metadata.pop("hook_name_out", None), k=raw.get("k"),
+        rescale_acts_by_decoder_norm=bool(raw.get("rescale_acts_by_decoder_norm", False)),
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", architecture not in ("transcoder",
+                                  "skip_transcoder", "jumprelu_transcoder"))),
+        normalize_activations=raw.get("normalize_activations", "none") or "none", metadata=metadata)
+
+
+def load(folder, device=None, dtype=None) -> Dictionary:
+    """A dictionary from a SAELens folder (safetensors only); every weight's shape is checked against cfg.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no dictionary folder at {folder} (accepted: a folder with {CONFIG} and {WEIGHTS})")
+    dictionary = Dictionary(read_config(folder))
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder / WEIGHTS} is missing") from None
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{folder / WEIGHTS} is not a readable safetensors file: {err}") from None
+    expected = {name: tuple(p.shape) for name, p in dictionary.named_parameters()}
+    missing, extra = set(expected) - set(weights), set(weights) - set(expected)
+    if missing:
+        raise ValueError(f"{folder / WEIGHTS} lacks {', '.join(sorted(missing))} for a "
+                         f"{dictionary.cfg.architecture} dictionary")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"{folder / WEIGHTS}: {name} has shape {list(weights[name].shape)}, cfg.json says "
+                             f"{list(shape)} (d_in={dictionary.cfg.d_in}, d_sae={dictionary.cfg.d_sae})")
+    dictionary.load_state_dict({name: weights[name] for name in expected})
+    if extra - {"scaling_factor"}:
+        dictionary.cfg.metadata.setdefault("ignored_tensors", sorted(extra))
+    return dictionary.to(device=device, dtype=dtype or _dtype(dictionary))
+
+
+def _dtype(dictionary: Dictionary) -> torch.dtype:
+    return dictionary.W_enc.dtype
+
+
+def config_dict(cfg: DictionaryConfig, dtype: torch.dtype) -> dict:
+    """cfg.json's contents in SAELens 6's keys."""
+    out = {"architecture": cfg.architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+           "dtype": str(dtype).removeprefix("torch."), "device": "cpu",
+           "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": cfg.normalize_activations,
+           "reshape_activations": "none", "metadata": {"hook_name": cfg.hook_name, **cfg.metadata}}
+    if cfg.architecture == "topk":
+        out |= {"k": cfg.k, "rescale_acts_by_decoder_norm": cfg.rescale_acts_by_decoder_norm}
+    if cfg.is_transcoder:
+        out["d_out"] = cfg.d_out or cfg.d_in
+        out["metadata"]["hook_name_out"] = cfg.hook_name_out
+    return out
+
+
+def save(dictionary: Dictionary, folder, sparsity: torch.Tensor | None = None) -> Path:
+    """Write the folder SAELens's SAE.load_from_disk reads; sparsity = log10 firing frequency [d_sae]."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {name: p.detach().contiguous().cpu() for name, p in dictionary.named_parameters()}
+    save_file(weights, str(folder / WEIGHTS))
+    (folder / CONFIG).write_text(json.dumps(config_dict(dictionary.cfg, dictionary.W_enc.dtype), indent=2))
+    if sparsity is not None:
+        if tuple(sparsity.shape) != (dictionary.cfg.d_sae,):
+            raise ValueError(f"sparsity must be [d_sae={dictionary.cfg.d_sae}], got {list(sparsity.shape)}")
+        save_file({"sparsity": sparsity.detach().float().contiguous().cpu()}, str(folder / SPARSITY))
+    return folder
+
+
+def load_sparsity(folder) -> torch.Tensor | None:
+    """The log10 firing frequency [d_sae] saved beside a dictionary, or None."""
+    path = Path(folder) / SPARSITY
+    return load_file(str(path))["sparsity"] if path.exists() else None
