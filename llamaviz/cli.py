@@ -1,4 +1,4 @@
-"""The `llamaviz` command (also `python -m llamaviz`): mask | run | app.
+"""The `llamaviz` command (also `python -m llamaviz`): mask | run | app | features train.
 
 Bad input (a missing model, an empty text, a layer out of range, an unknown task) ends with one line
 on stderr, `llamaviz: error: ...`, and exit status 2, never a traceback. Set LLAMAVIZ_DEBUG=1 to see
@@ -37,6 +37,7 @@ def build_parser() -> Parser:
     _add_mask(commands)
     _add_run(commands)
     _add_app(commands)
+    _add_features(commands)
     return parser
 
 
@@ -95,6 +96,35 @@ def _add_app(commands) -> None:
     _add_model(app)
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     app.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+
+
+def _add_features(commands) -> None:
+    features = commands.add_parser("features", help="train dictionaries (SAEs, transcoders)",
+                                   description="Dictionaries of features for a model.")
+    actions = features.add_subparsers(dest="action", metavar="ACTION", required=True)
+    train = actions.add_parser("train", help="train an SAE on one hook point, or a transcoder set",
+                               description="Harvest activations once (to DIR/harvest), train a dictionary on them and "
+                               "write it to DIR in SAELens's format (a transcoder set: circuit-tracer's layout). "
+                               "Ctrl-C writes a checkpoint; --resume continues from it.")
+    _add_model(train)
+    train.add_argument("--hook", help="the hook point to train on, e.g. blocks.15.hook_resid_post")
+    train.add_argument("--transcoders", choices=["all"], help="every layer's MLP: mlp.hook_in -> hook_mlp_out, with skip")
+    train.add_argument("--data", help=".txt/.md/.jsonl file or folder, or a datasets dataset saved to disk")
+    train.add_argument("--field", default="text", help="the jsonl / dataset field holding the text (default: text)")
+    train.add_argument("--generate", type=int, metavar="N", help="train on N tokens sampled from the model instead")
+    train.add_argument("--out", required=True, metavar="DIR", help="the dictionary's folder")
+    train.add_argument("--width", default="8x", help="latents: a number, or a multiple of the model width (default 8x)")
+    train.add_argument("--k", type=int, default=32, help="topk / batchtopk: latents active per token (default 32)")
+    train.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "jumprelu", "relu"],
+                       help="topk (default, AuxK revives dead latents), batchtopk (saved as jumprelu), jumprelu, relu+L1")
+    train.add_argument("--tokens", type=int, default=200_000, help="tokens to harvest (default 200,000)")
+    train.add_argument("--context", type=int, default=128, help="tokens per context window (default 128)")
+    train.add_argument("--batch-size", type=int, default=1024, help="tokens per step (default 1024)")
+    train.add_argument("--lr", type=float, default=4e-4, help="Adam's learning rate (default 4e-4)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
+    train.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="of the harvested activations")
+    train.add_argument("--keep-special", action="store_true", help="train on BOS/EOS/pad positions too")
+    train.add_argument("--resume", action="store_true", help="continue from DIR's harvest and checkpoint")
 
 
 def _add_model(parser) -> None:
@@ -218,7 +248,19 @@ def _model_path(path):
     return model_path(path)
 
 
-COMMANDS = {"mask": run_mask, "run": run_generation, "app": run_app}
+def run_features(args) -> int:
+    from llamaviz.features import train
+
+    summary = train(model=_model_path(args.model), hook=args.hook, data=args.data, out=args.out, width=args.width,
+                    k=args.k, tokens=args.tokens, seed=args.seed, architecture=args.architecture, resume=args.resume,
+                    context=args.context, field=args.field, generate=args.generate, keep_special=args.keep_special,
+                    transcoders=args.transcoders, dtype=args.dtype, batch_size=args.batch_size, lr=args.lr)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0 if summary["status"] == "done" else 130
+
+
+COMMANDS = {"mask": run_mask, "run": run_generation, "app": run_app, "features": run_features}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,7 +144,7 @@ def _tensor_parallel_mesh(tp_plan, config: LlamaConfig, device, device_map):
     """The device mesh for tp_plan (None without one), after checking the plan fits the model and the call."""
     if tp_plan is None:
         return None
-    from llamaviz.llama import parallel
+    from llamaviz.distributed import parallel
 
     if device is not None or device_map is not None:
         raise ValueError("tp_plan places each rank on its own device (cuda:LOCAL_RANK under nccl, else the CPU); "

@@ -7,13 +7,15 @@ file formats, attached to a model as hook points.
     transcoders = features.load_transcoder_set("model/transcoders")   # circuit-tracer's layout
 
 May import: llamaviz.llama, distributed, checkpoints, tokenizers, run, interpret.
-Inside: dictionary (the math) <- saelens_files, transcoder_set <- attach.
+Inside: dictionary, sparsity (the math) <- saelens_files, transcoder_set <- attach <- data, harvest,
+training <- job <- command (features.train, what `llamaviz features train` runs).
 """
 
 from llamaviz.features.attach import attached
+from llamaviz.features.command import train
 from llamaviz.features.dictionary import ARCHITECTURES, NORMALIZATIONS, Dictionary
 from llamaviz.features.saelens_files import load, save
 from llamaviz.features.transcoder_set import TranscoderSet, load_transcoder_set, save_transcoder_set
 
 __all__ = ["ARCHITECTURES", "NORMALIZATIONS", "Dictionary", "TranscoderSet", "attached", "load",
-           "load_transcoder_set", "save", "save_transcoder_set"]
+           "load_transcoder_set", "save", "save_transcoder_set", "train"]
