@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: app test setup browser clean
+.PHONY: app test setup browser clean peers
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,5 +34,18 @@ app: setup
 test: setup browser
 	$(PY) -m pytest -q $(ARGS)
 
+# The peers environment: sae-lens, circuit-tracer and their transformers 4.57 / transformer-lens 3.x, which cannot
+# share .venv. The round-trip tests (tests/test_peers.py) run in it when it exists; `make peers` builds it.
+PEERS := .venv-peers
+$(PEERS)/.installed:
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(PEERS)/bin/python -m pip install -q "circuit-tracer==0.5.0" sae-lens "nnsight==0.6.1" gguf pytest
+	$(PEERS)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+peers: $(PEERS)/.installed
+
 clean:
-	rm -rf $(VENV) model/.linked
+	rm -rf $(VENV) $(PEERS) model/.linked
