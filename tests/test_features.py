@@ -31,12 +31,13 @@ def random_dictionary(architecture: str, hook: str = "blocks.1.hook_resid_post",
 
 def reference(d: Dictionary, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(acts, reconstruction) by SAELens's definitions, one step per line."""
-    cfg, shift, scale = d.cfg, torch.zeros(()), torch.ones(())
+    cfg, shift, scale, undo = d.cfg, torch.zeros(()), torch.ones(()), None
     if cfg.normalize_activations == "constant_norm_rescale":
         scale = M ** 0.5 / x.norm(dim=-1, keepdim=True)
     if cfg.normalize_activations == "layer_norm":
         shift = x.mean(-1, keepdim=True)
-        scale = 1 / ((x - shift).std(-1, keepdim=True) + 1e-5)
+        undo = (x - shift).std(-1, keepdim=True)
+        scale = 1 / (undo + 1e-5)
     sae_in = (x - shift) * scale - (d.b_dec if cfg.apply_b_dec_to_input and not cfg.is_transcoder else 0)
     if cfg.architecture == "gated":
         magnitude = torch.relu(sae_in @ (d.W_enc * torch.exp(d.r_mag)) + d.b_mag)
@@ -55,7 +56,7 @@ def reference(d: Dictionary, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         else:
             acts = pre.clamp(min=0)
     decoded = (acts / d.W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else acts) @ d.W_dec + d.b_dec
-    out = decoded / scale + shift
+    out = decoded / scale + shift if undo is None else decoded * undo + shift
     if cfg.architecture == "skip_transcoder":
         out = out + x @ d.W_skip.T
     return acts, out

@@ -230,6 +230,7 @@ class BrowserState:
         self.stop.set()  # nothing generating yet
         self.tab = "Attention"  # the tab on screen: the logit lens (the costliest view) is drawn only there
         self.fresh = False  # a new run that the tabs have not drawn yet
+        self.feature_shown: dict = {}  # the Features tab's last ablation / attribution, for its export
 
     @property
     def generating(self) -> bool:

@@ -43,6 +43,9 @@ def attached(model, *dictionaries: Dictionary, use_error_term: bool = False) -> 
 
 def _check(model, names: dict, dictionary: Dictionary) -> None:
     cfg = dictionary.cfg
+    if not cfg.hook_name:
+        raise ValueError("the dictionary names no hook point (its cfg.json has no metadata.hook_name); "
+                         "set dictionary.cfg.hook_name, e.g. 'blocks.3.hook_resid_post'")
     for hook in (cfg.hook_name, cfg.hook_name_out) if cfg.is_transcoder else (cfg.hook_name,):
         if hook not in names:
             model._check_name(hook)  # KeyError naming the closest hook points

@@ -10,7 +10,7 @@ largest (with rescale_acts_by_decoder_norm, pre is scaled by each decoder row's 
 choice and acts divided by it before decoding); jumprelu zeroes pre <= threshold; gated multiplies
 a ReLU magnitude path (W_enc * exp(r_mag), b_mag) by the gate (pre of W_enc, b_gate) > 0.
 normalize_activations: "none"; "constant_norm_rescale" (x scaled to norm sqrt(d_in), the scale undone
-on the way out); "layer_norm" (x centred and divided by std + 1e-5, undone on the way out). A training
+on the way out); "layer_norm" (x centred and divided by std + 1e-5; the output times std plus the mean). A training
 scale (SAELens's expected_average_only_in) is folded into the weights before saving.
 """
 
@@ -91,7 +91,7 @@ class Dictionary(nn.Module):
             self.W_skip = nn.Parameter(torch.zeros(d_out, d_in))  # [d_out, d_in]
         for name in SAE_HOOKS:
             setattr(self, name, HookPoint())
-        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None  # the input's (shift, scale), undone on output
+        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None  # (shift, factor): output = out * factor + shift
 
     def hook_points(self) -> dict[str, HookPoint]:
         """{"{hook_name}.hook_sae_acts_post": point, ...}: SAELens's names under the hook it reads."""
@@ -106,12 +106,12 @@ class Dictionary(nn.Module):
         kind = self.cfg.normalize_activations
         if kind == "constant_norm_rescale":
             scale = (self.cfg.d_in ** 0.5) / x.norm(dim=-1, keepdim=True)
-            self._norm = (torch.zeros_like(scale), scale)
+            self._norm = (torch.zeros_like(scale), 1.0 / scale)
             x = x * scale
         elif kind == "layer_norm":
             mean = x.mean(-1, keepdim=True)
             std = (x - mean).std(-1, keepdim=True)
-            self._norm = (mean, 1.0 / (std + 1e-5))
+            self._norm = (mean, std)  # undone as out * std + mean (SAELens leaves the epsilon out there)
             x = (x - mean) / (std + 1e-5)
         if self.cfg.apply_b_dec_to_input and not self.cfg.is_transcoder:
             x = x - self.b_dec
@@ -133,8 +133,8 @@ class Dictionary(nn.Module):
             acts = acts / self.decoder_norms()
         out = self.hook_sae_recons(acts @ self.W_dec + self.b_dec)
         if self._norm is not None and self.cfg.normalize_activations != "none":
-            shift, scale = self._norm
-            out = out / scale + shift
+            shift, factor = self._norm
+            out = out * factor + shift
         if self.cfg.architecture == "skip_transcoder":
             if x is None:
                 raise ValueError("a skip transcoder decodes with its input: decode(acts, x)")

@@ -5,7 +5,8 @@ normalize_activations, reshape_activations, metadata {model_name, hook_name, con
 prepend_bos, ...}; topk adds k and rescale_acts_by_decoder_norm; transcoders d_out and
 metadata.hook_name_out. Older folders with hook_name at the top level load too. Weights:
 W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc, b_dec, threshold (jumprelu), b_gate/b_mag/r_mag
-(gated), W_skip [d_out, d_in] (skip transcoder). sparsity.safetensors: "sparsity" [d_sae], the log10
+(gated), W_skip [d_out, d_in] (skip transcoder). SAELens's own save_model leaves metadata.hook_name out;
+such a folder loads with hook_name "" (set dictionary.cfg.hook_name before attaching it). sparsity.safetensors: "sparsity" [d_sae], the log10
 firing frequency.
 """
 
@@ -46,10 +47,10 @@ def read_config(folder: Path) -> DictionaryConfig:
     for key in ("d_in", "d_sae"):
         if not isinstance(raw.get(key), int) or raw[key] < 1:
             raise ValueError(f"{path}: {key} must be a positive integer, got {raw.get(key)!r}")
-    if not isinstance(metadata.get("hook_name"), str):
-        raise ValueError(f"{path}: metadata.hook_name (the hook the dictionary reads) is missing")
+    if not isinstance(metadata.get("hook_name", ""), str):
+        raise ValueError(f"{path}: metadata.hook_name must be a hook point's name, got {metadata['hook_name']!r}")
     return DictionaryConfig(
-        architecture=architecture, d_in=raw["d_in"], d_sae=raw["d_sae"], hook_name=metadata.pop("hook_name"),
+        architecture=architecture, d_in=raw["d_in"], d_sae=raw["d_sae"], hook_name=metadata.pop("hook_name", ""),
         d_out=raw.get("d_out"), hook_name_out=metadata.pop("hook_name_out", None), k=raw.get("k"),
         rescale_acts_by_decoder_norm=bool(raw.get("rescale_acts_by_decoder_norm", False)),
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", architecture not in ("transcoder",

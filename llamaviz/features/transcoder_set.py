@@ -72,7 +72,7 @@ def save_transcoder_set(transcoders: TranscoderSet, folder) -> Path:
             weights["k"] = torch.tensor(tc.cfg.k)
         save_file({n: w.detach().contiguous().cpu() for n, w in weights.items()}, str(folder / f"layer_{layer}.safetensors"))
         files.append(str((folder / f"layer_{layer}.safetensors").resolve()))
-    config = {"model_kind": "transcoder_set", "model_name": transcoders.model_name,
+    config = {"model_kind": "transcoder_set", "model_name": transcoders.model_name, "scan": transcoders.model_name or folder.name,
               "feature_input_hook": transcoders.feature_input_hook,
               "feature_output_hook": transcoders.feature_output_hook, "transcoders": files}
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

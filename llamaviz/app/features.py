@@ -1,0 +1,229 @@
+"""What the Features tab shows, from a run and a dictionary: active features, text shading, dashboards,
+steering, ablation and attribution. Every number comes from llamaviz.features (one path for each).
+
+The dictionary is attached with its error term (features.attached(use_error_term=True)), so a run's
+logits are the model's own until a feature is edited; the run's whole sequence (prompt + generation)
+is read once per dictionary and kept on the run.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import torch
+
+from llamaviz import features
+from llamaviz.features import dashboards
+from llamaviz.plots.tokens import display_token
+
+from llamaviz.app.state import Run
+
+TOP_FEATURES = 12
+_LOADED: dict[str, object] = {}
+
+
+def found_dictionaries(model_path: str | None) -> list[str]:
+    """SAELens folders (cfg.json) under the model's folder and beside the checkpoint."""
+    roots = {Path("model")}
+    if model_path:
+        roots |= {Path(model_path).parent, Path(model_path).parent.parent}
+    found = {str(cfg.parent) for root in roots if root.is_dir() for cfg in root.glob("*/cfg.json")}
+    found |= {str(cfg.parent) for root in roots if root.is_dir() for cfg in root.glob("*/layer_*/cfg.json")}
+    return sorted(found)
+
+
+def dictionary(path: str):
+    """The dictionary at `path`, loaded once per process (a SAELens folder)."""
+    if not path:
+        raise ValueError("pick a dictionary: a SAELens folder (cfg.json + sae_weights.safetensors)")
+    key = str(Path(path).resolve())
+    if key not in _LOADED:
+        _LOADED[key] = features.load(path).eval()
+    return _LOADED[key]
+
+
+def activations(run: Run, path: str) -> torch.Tensor:
+    """[T, F] activations of every feature over the run's sequence."""
+    key = ("feature-acts", str(Path(path).resolve()))
+    if key not in run.memo:
+        sae = dictionary(path)
+        with run.entry.lock:
+            acts = dashboards.feature_acts(run.entry.model, sae, run.ids)[0]
+        run.memo[key] = (acts, acts.numel() * 4)
+    return run.memo[key][0]
+
+
+def check_position(run: Run, position) -> int:
+    n = run.ids.shape[1]
+    if position is None or not -n <= int(position) < n:
+        raise ValueError(f"the token position must be in 0..{n - 1}; got {position!r}")
+    return int(position) % n
+
+
+def check_feature(path: str, feature) -> int:
+    width = dictionary(path).cfg.d_sae
+    if feature is None or isinstance(feature, bool) or not 0 <= int(feature) < width:
+        raise ValueError(f"feature {feature!r} is out of range; accepted: 0..{width - 1}")
+    return int(feature)
+
+
+def _dashboards(path: str):
+    try:
+        return dashboards.DashboardFile(path)
+    except FileNotFoundError:
+        return None
+
+
+def top_features(run: Run, path: str, position) -> list[tuple[int, float, float | None]]:
+    """[(feature, activation, density or None)] of the most active features at `position`."""
+    acts = activations(run, path)[check_position(run, position)]
+    values, indices = acts.topk(min(TOP_FEATURES, acts.numel()))
+    board = _dashboards(path)
+    return [(int(i), float(v), float(board.feature(int(i))["density"]) if board else None)
+            for v, i in zip(values, indices) if v > 0]
+
+
+def feature_list_html(run: Run, path: str, position) -> str:
+    rows = top_features(run, path, position)
+    if not rows:
+        return "<p>No feature is active at this token.</p>"
+    effects = dashboards.logit_effects(run.entry.model, dictionary(path), 3)
+    body = "".join(
+        f'<tr data-feature="{f}"><td>{f}</td><td>{a:.3f}</td><td>{"" if d is None else f"{d:.2%}"}</td>'
+        f'<td>{html.escape(" ".join(display_token(run.entry.tokenizer.decode([t])) for t in effects["promoted_ids"][f].tolist()))}</td></tr>'
+        for f, a, d in rows)
+    return ('<table class="lv-features"><tr><th>feature</th><th>activation</th><th>density</th>'
+            f"<th>promotes</th></tr>{body}</table>")
+
+
+def text_html(run: Run, path: str, feature) -> str:
+    """The run's text shaded by one feature's activation at every token."""
+    feature = check_feature(path, feature)
+    acts = activations(run, path)[:, feature]
+    top = float(acts.max()) or 1.0
+    spans = "".join(
+        f'<span data-pos="{i}" title="{i}: {float(a):.3f}" style="background: rgba(217, 119, 6, {float(a) / top:.3f})">'
+        f'{html.escape(display_token(token).replace("␣", " "))}</span>'
+        for i, (token, a) in enumerate(zip(run.tokens, acts)))
+    return f'<div class="lv-feature-text"><p>Feature {feature}: darker = more active (max {top:.3f}).</p>{spans}</div>'
+
+
+def dashboard_html(run: Run, path: str, feature) -> str:
+    feature = check_feature(path, feature)
+    board = _dashboards(path)
+    if board is None:
+        return (f"<p>No dashboards beside {html.escape(path)}: build them with "
+                "<code>llamaviz features dashboards --dictionary DIR --data PATH</code>.</p>")
+    data, tok = board.feature(feature), run.entry.tokenizer
+    word = lambda i: html.escape(display_token(tok.decode([int(i)])))  # noqa: E731
+    contexts = []
+    for ids, acts, value in zip(data["top_ids"], data["top_acts"], data["top_values"]):
+        if value < 0:
+            continue
+        peak = float(acts.max()) or 1.0
+        contexts.append("<div>" + "".join(f'<span style="background: rgba(217, 119, 6, {float(a) / peak:.3f})">'
+                                          f"{word(i)}</span>" for i, a in zip(ids, acts) if i >= 0) + "</div>")
+    promoted = ", ".join(f"{word(i)} ({v:+.2f})" for i, v in zip(data["promoted_ids"], data["promoted_values"].tolist()))
+    suppressed = ", ".join(f"{word(i)} ({v:+.2f})" for i, v in zip(data["suppressed_ids"], data["suppressed_values"].tolist()))
+    bars = "".join(f'<span style="display:inline-block;width:6px;height:{int(40 * h / max(1.0, float(data["histogram"].max())))}px;'
+                   f'background:#d97706"></span>' for h in data["histogram"].tolist())
+    return (f'<div class="lv-dashboard"><h4>Feature {feature}</h4><p>density {float(data["density"]):.3%}, '
+            f'max activation {float(data["peak"]):.3f}</p><div class="lv-histogram">{bars}</div>'
+            f"<p>promotes: {promoted}</p><p>suppresses: {suppressed}</p><h5>Top contexts</h5>{''.join(contexts)}</div>")
+
+
+def steered(run: Run, path: str, feature, scale: float, position, new_tokens: int = 24) -> tuple[str, str]:
+    """(plain, steered) continuations of the run's prompt: scale x the feature's decoder row added from position on."""
+    feature, sae = check_feature(path, feature), dictionary(path)
+    position = check_position(run, position)
+    prompt = run.ids[:, :run.prompt_length]
+    direction = float(scale) * sae.W_dec[feature].detach()
+
+    def add(x, hook):
+        if x.shape[1] > 1:  # the prompt's forward: from `position` on
+            x = x.clone()
+            x[:, position:] += direction.to(x.dtype)
+            return x
+        return x + direction.to(x.dtype)  # every generated token
+
+    model, tok = run.entry.model, run.entry.tokenizer
+    with run.entry.lock, torch.no_grad():
+        plain = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        with model.hooks(fwd_hooks=[(sae.cfg.hook_name_out or sae.cfg.hook_name, add)]):
+            pushed = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+    decode = lambda ids: tok.decode(ids[0, prompt.shape[1]:].tolist())  # noqa: E731
+    return decode(plain), decode(pushed)
+
+
+def _logits_with(run: Run, sae, edit=None) -> torch.Tensor:
+    """Next-token logits [T, v] of the run's sequence with the dictionary attached, a latent edit optional."""
+    hooks = [] if edit is None else [(f"{sae.cfg.hook_name}.hook_sae_acts_post", edit)]
+    with features.attached(run.entry.model, sae, use_error_term=True):
+        return run.entry.model.run_with_hooks(run.ids, return_type="logits", fwd_hooks=hooks)[0]
+
+
+def ablation(run: Run, path: str, chosen: list[int], positions: list[int] | None, position) -> dict:
+    """The answer's logit and the top next tokens at `position`, before and after zeroing `chosen` features."""
+    sae, at = dictionary(path), check_position(run, position)
+    chosen = [check_feature(path, f) for f in chosen]
+    if not chosen:
+        raise ValueError("name at least one feature to ablate, e.g. 12, 40")
+    where = slice(None) if not positions else [check_position(run, p) for p in positions]
+
+    def zero(acts, hook):
+        acts = acts.clone()
+        acts[0, where, chosen] = 0.0
+        return acts
+
+    with run.entry.lock, torch.no_grad():
+        before, after = _logits_with(run, sae)[at], _logits_with(run, sae, zero)[at]
+    answer = int(run.ids[0, at + 1]) if at + 1 < run.ids.shape[1] else int(before.argmax())
+    top = lambda logits: [(run.entry.tokenizer.decode([i]), float(v)) for v, i in zip(*logits.topk(5))]  # noqa: E731
+    return {"answer": run.entry.tokenizer.decode([answer]), "before": float(before[answer]),
+            "after": float(after[answer]), "top before": top(before), "top after": top(after)}
+
+
+def attribution(run: Run, path: str, position, foil_id: int | None = None, exact: int = 5) -> list[dict]:
+    """Active features ranked by activation x gradient of the answer's logit (minus the foil's), the exact
+    ablation effect of the `exact` largest beside the estimate."""
+    sae, at = dictionary(path), check_position(run, position)
+    answer = int(run.ids[0, at + 1]) if at + 1 < run.ids.shape[1] else None
+    model = run.entry.model
+    held = {}
+
+    def keep(acts, hook):
+        acts.retain_grad()
+        held["acts"] = acts
+        return acts
+
+    with run.entry.lock:
+        logits = _logits_with(run, sae, keep)[at]
+        answer = int(logits.argmax()) if answer is None else answer
+        metric = logits[answer] - (logits[foil_id] if foil_id is not None else 0)
+        metric.backward()
+        acts, grads = held["acts"][0].detach(), held["acts"].grad[0]
+        model.zero_grad(set_to_none=True)
+        estimate = (acts * grads)[: at + 1]  # [p, F]: later tokens cannot move this logit
+        values, flat = estimate.flatten().abs().topk(min(20, int((estimate != 0).sum())))
+        rows = [{"feature": int(i % acts.shape[1]), "position": int(i // acts.shape[1]),
+                 "estimate": float(estimate.flatten()[i])} for i in flat.tolist()]
+        with torch.no_grad():
+            for row in rows[:exact]:
+                def zero(a, hook, row=row):
+                    a = a.clone()
+                    a[0, row["position"], row["feature"]] = 0.0
+                    return a
+                edited = _logits_with(run, sae, zero)[at]
+                row["exact"] = float(metric) - float(edited[answer] - (edited[foil_id] if foil_id is not None else 0))
+    return rows
+
+
+def export(run: Run, name: str, payload) -> str:
+    """Write what the tab shows as JSON into the run's private export folder; returns the file's path."""
+    folder = Path(run.export_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"features-{name}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return str(path)

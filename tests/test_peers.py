@@ -1,0 +1,70 @@
+"""Round trips with the peers that cannot share this environment: SAELens reads llamaviz's dictionary folders
+and computes the same numbers (1e-6), llamaviz reads what SAELens writes, and circuit-tracer opens a
+transcoder set written here. They run in .venv-peers (`make peers` builds it) and skip without it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+from llamaviz import features
+from test_features import CASES, random_dictionary, random_set
+
+PEERS = Path(__file__).resolve().parents[1] / ".venv-peers" / "bin" / "python"
+SAE_CASES = CASES
+
+
+@pytest.fixture(scope="module")
+def peers(tmp_path_factory):
+    if not PEERS.exists():
+        pytest.skip("the peers environment is absent: `make peers` builds .venv-peers (sae-lens, circuit-tracer)")
+    work = tmp_path_factory.mktemp("peers")
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(9))
+    save_file({"x": x}, str(work / "inputs.safetensors"))
+    ours = {}
+    for index, (architecture, cfg) in enumerate(SAE_CASES):
+        dictionary = random_dictionary(architecture, seed=index, **cfg)
+        dictionary.cfg.metadata |= {"model_name": "tiny", "context_size": 128, "prepend_bos": True}
+        if dictionary.cfg.is_transcoder:
+            dictionary.cfg.hook_name_out = "blocks.1.hook_mlp_out"
+        name = f"{index}-{architecture}"
+        features.save(dictionary, work / "saes" / name)
+        ours[name] = dictionary
+    transcoders = random_set(layers=2)
+    features.save_transcoder_set(transcoders, work / "set")
+    result = subprocess.run([str(PEERS), str(Path(__file__).with_name("peers_check.py")), str(work)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, x, ours, transcoders, load_file(str(work / "peers.safetensors"))
+
+
+def test_saelens_reads_our_folders_and_computes_the_same_numbers(peers):
+    _, x, ours, _, theirs = peers
+    for name, dictionary in ours.items():
+        with torch.no_grad():
+            acts = dictionary.encode(x)
+            assert_close(theirs[f"{name}.acts"], acts, atol=1e-6, rtol=1e-6, msg=name)
+            assert_close(theirs[f"{name}.recons"], dictionary.decode(acts, x), atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_what_saelens_writes_loads_here_with_the_same_numbers(peers):
+    work, x, ours, _, _ = peers
+    for name, dictionary in ours.items():
+        loaded = features.load(work / "saes_resaved" / name)
+        assert loaded.cfg.architecture == dictionary.cfg.architecture and loaded.cfg.d_sae == dictionary.cfg.d_sae
+        with torch.no_grad():
+            assert_close(loaded(x), dictionary(x), atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_circuit_tracer_opens_our_transcoder_set(peers):
+    _, x, _, transcoders, theirs = peers
+    assert "".join(map(chr, theirs["set.input_hook"].tolist())) == "mlp.hook_in"
+    for layer, tc in enumerate(transcoders):
+        with torch.no_grad():
+            assert_close(theirs[f"set.{layer}.acts"], tc.encode(x), atol=1e-6, rtol=1e-6)
+            assert_close(theirs[f"set.{layer}.out"], tc(x), atol=1e-5, rtol=1e-5)
