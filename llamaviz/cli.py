@@ -125,6 +125,17 @@ def _add_features(commands) -> None:
     train.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="of the harvested activations")
     train.add_argument("--keep-special", action="store_true", help="train on BOS/EOS/pad positions too")
     train.add_argument("--resume", action="store_true", help="continue from DIR's harvest and checkpoint")
+    build = actions.add_parser("dashboards", help="build every feature's dashboard from a corpus",
+                               description="Two streaming passes over the corpus; writes DIR/dashboards.safetensors.")
+    _add_model(build)
+    build.add_argument("--dictionary", required=True, metavar="DIR", help="a SAELens dictionary folder")
+    build.add_argument("--data", required=True, help=".txt/.md/.jsonl file or folder")
+    build.add_argument("--tokens", type=int, default=50_000, help="tokens to read (default 50,000)")
+    build.add_argument("--context", type=int, default=128, help="tokens per window (default 128)")
+    show = actions.add_parser("show", help="print one feature's dashboard in the terminal")
+    _add_model(show)
+    show.add_argument("--dictionary", required=True, metavar="DIR", help="a folder with dashboards.safetensors")
+    show.add_argument("--feature", type=int, required=True, help="the feature's index")
 
 
 def _add_model(parser) -> None:
@@ -249,7 +260,10 @@ def _model_path(path):
 
 
 def run_features(args) -> int:
-    from llamaviz.features import train
+    from llamaviz.features import terminal_view, train
+
+    if args.action != "train":
+        return terminal_view.run(args.action, _model_path(args.model), args)
 
     summary = train(model=_model_path(args.model), hook=args.hook, data=args.data, out=args.out, width=args.width,
                     k=args.k, tokens=args.tokens, seed=args.seed, architecture=args.architecture, resume=args.resume,

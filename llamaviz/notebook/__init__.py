@@ -7,11 +7,12 @@ writes a standalone page with plotly.js inlined; `open_view` reopens a view file
 web app, `open_patching` a patching export.
 
 May import: every layer below the faces (llama .. graphs) and plots. Inside: runs <- attention,
-views, explain; this file only re-exports.
+views, explain, features (show_features, show_feature, steer); this file only re-exports.
 """
 
 from llamaviz.notebook.attention import (show_attention, show_head_grid, show_logit_lens, show_resid_norms,
                                          show_tokens)
+from llamaviz.notebook.features import feature_table, show_feature, show_features, steer
 from llamaviz.notebook.explain import open_patching, show_dla, show_flow, show_patching, show_saliency
 from llamaviz.notebook.runs import (LONG_PREFILL, OFFLINE_RENDERERS, OfflineNotebookRenderer, Run, _resid_names,
                                     encode, enable_offline, logit_lens_table, resid_norm_table, run,
@@ -23,4 +24,5 @@ __all__ = ["LONG_PREFILL", "OFFLINE_RENDERERS", "OfflineNotebookRenderer", "Run"
            "VIEW_MAX_TOP_K", "VIEW_SETTINGS", "encode", "enable_offline", "logit_lens_table", "open_patching",
            "open_view", "read_view", "resid_norm_table", "run", "save_html", "show_attention", "show_dla",
            "show_flow", "show_head_grid", "show_logit_lens", "show_patching", "show_resid_norms",
-           "show_saliency", "show_tokens", "token_logprob_table"]
+           "show_saliency", "show_tokens", "token_logprob_table", "feature_table", "show_feature", "show_features",
+           "steer"]
