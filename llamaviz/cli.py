@@ -13,7 +13,7 @@ import sys
 
 TASKS = ("text-generation",)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-BAD_INPUT = (ValueError, FileNotFoundError, KeyError, IsADirectoryError, NotADirectoryError, PermissionError)
+BAD_INPUT = (ValueError, FileNotFoundError, KeyError, IndexError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 class UsageError(Exception):
@@ -132,6 +132,11 @@ def _add_features(commands) -> None:
     build.add_argument("--data", required=True, help=".txt/.md/.jsonl file or folder")
     build.add_argument("--tokens", type=int, default=50_000, help="tokens to read (default 50,000)")
     build.add_argument("--context", type=int, default=128, help="tokens per window (default 128)")
+    top = actions.add_parser("top", help="print the top features of every token of a text")
+    _add_model(top)
+    top.add_argument("text", help="the text to read")
+    top.add_argument("--dictionary", required=True, metavar="DIR", help="a SAELens dictionary folder")
+    top.add_argument("--count", type=int, default=3, help="features per token (default 3)")
     show = actions.add_parser("show", help="print one feature's dashboard in the terminal")
     _add_model(show)
     show.add_argument("--dictionary", required=True, metavar="DIR", help="a folder with dashboards.safetensors")

@@ -19,6 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("run",),                     # generation, streamers, pipelines, llamaviz.load
     ("interpret",),               # analyses that take a model and return numbers
     ("features",),                # dictionaries: formats, attaching, training, dashboards
+    ("graphs",),                  # attribution graphs on transcoder sets
     ("plots",),                   # figures: pure functions of tensors and tokens
     ("terminal",),                # AttentionMaskVisualizer and its renderers
     ("notebook",),                # one-call helpers for notebooks

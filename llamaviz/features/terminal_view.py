@@ -19,8 +19,25 @@ def run(action: str, model_path, args) -> int:
         path = dashboards.build(model, load(args.dictionary), ids, args.dictionary, progress=bar)
         print(f"\n{corpus.summary()}\nwrote {path}")
         return 0
+    if action == "top":
+        print(top_text(model, tokenizer, load(args.dictionary), args.text, args.count))
+        return 0
     print(feature_text(dashboards.DashboardFile(args.dictionary), args.feature, tokenizer))
     return 0
+
+
+def top_text(model, tokenizer, dictionary, text: str, count: int = 3) -> str:
+    """One line per token: the token and its `count` most active features (index=activation)."""
+    if not text.strip():
+        raise ValueError("the text is empty; give some words to read")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    acts = dashboards.feature_acts(model, dictionary, ids)[0]  # [p, F]
+    values, indices = acts.topk(min(count, acts.shape[-1]), dim=-1)
+    lines = []
+    for position, token in enumerate(ids[0].tolist()):
+        found = [f"#{int(i)}={float(v):.2f}" for v, i in zip(values[position], indices[position]) if v > 0]
+        lines.append(f"{position:4d} {tokenizer.decode([token])!r:>16}  {'  '.join(found) or '-'}")
+    return "\n".join(lines)
 
 
 def _bar(windows_count: int):

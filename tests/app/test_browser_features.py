@@ -3,6 +3,8 @@ shown in the page (the app stays up)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from llamaviz.features.dictionary import Dictionary, DictionaryConfig
 from test_browser import browser, open_page, server, start_generation, wait_for_status  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "assets" / "screenshot-features.png"
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,7 @@ def test_the_features_tab_shows_steers_and_reports_bad_input(browser, server, sa
     page.wait_for_selector("#feature-list table tr[data-feature]")
     assert page.locator("#feature-text span[data-pos]").count() > 10
     assert "No dashboards beside" in page.inner_text("#feature-dashboard")
+    page.locator("#tab-features").screenshot(path=str(SCREENSHOT))  # README shows it
     page.fill("#feature-scale input", "40")
     page.click("#feature-steer")
     page.wait_for_selector("#feature-steered-text .lv-steer")

@@ -1,0 +1,16 @@
+"""Attribution graphs: a prompt's active transcoder features, error nodes, token embeddings and top
+logits, joined by their direct effects in the frozen replacement model (the circuit-tracing method).
+
+    graph = graphs.attribute(model, transcoders, ids)            # nodes, adjacency, scores
+    kept = graphs.prune(graph)                                    # influence pruning (0.8 nodes, 0.98 edges)
+    graphs.write_json(graph, kept, "graph.json", tokenizer)       # circuit-tracer's graph JSON
+
+May import: llamaviz.llama, distributed, checkpoints, tokenizers, run, interpret, features.
+Inside: replacement (the frozen model) <- attribution <- pruning <- export.
+"""
+
+from llamaviz.graphs.attribution import Graph, attribute
+from llamaviz.graphs.export import write_json
+from llamaviz.graphs.pruning import Pruned, prune, scores
+
+__all__ = ["Graph", "Pruned", "attribute", "prune", "scores", "write_json"]
