@@ -236,3 +236,11 @@ def test_packed_forwards_are_bounded_and_give_the_same_numbers(setup, monkeypatc
     split = patching.get_act_patch_attn_head_v_by_pos(ours, corrupted, clean_cache, every_position_metric)
     assert max(seen) <= 7 and len(seen) > ours.config.num_hidden_layers
     assert_close(split, whole, atol=1e-5, rtol=0)
+
+
+def test_a_length_mismatch_shows_the_two_tokenizations_aligned_at_their_first_difference():
+    from llamaviz.interpret.patching.sweeps import aligned
+
+    text = aligned(["<s>", "When", " John", " went"], ["<s>", "When", " Jo", "hn", " went"])
+    assert "first differ at position 2" in text
+    assert "2: ' John' | ' Jo'  <- first difference" in text and "4: - | ' went'" in text

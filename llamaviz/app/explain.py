@@ -32,6 +32,17 @@ def token_choices(run: Run) -> list[tuple[str, int]]:
     return [(labels[i] + ("" if i < run.prompt_length else " (generated)"), i) for i in range(1, len(run.tokens))]
 
 
+def default_index(run: Run, choices: list[tuple[str, int]]) -> int | None:
+    """The token a new run explains first: the last generated token that is not a special token (after a
+    chat-template generation the last one is the end-of-turn marker), else the last token."""
+    special = set(getattr(run.entry.tokenizer, "all_special_ids", []) or [])
+    ids = run.ids[0].tolist()
+    for _, index in reversed(choices):
+        if index >= run.prompt_length and ids[index] not in special:
+            return index
+    return choices[-1][1] if choices else None
+
+
 def check_index(run: Run, index) -> int:
     """The picked token's index as an int in 1..T-1; ValueError naming the range otherwise."""
     if index is None or index == "":

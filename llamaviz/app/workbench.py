@@ -66,7 +66,7 @@ def after_run(state, bench, foil):
         return {}
     bench.explained_run = run.run_id
     choices = explain.token_choices(run)
-    index = choices[-1][1] if choices else None
+    index = explain.default_index(run, choices)
     shown = {"explain_token": gr.update(choices=choices, value=index)}
     try:
         return {**shown, "dla": explain.dla_figure(run, index, foil)}

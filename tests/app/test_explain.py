@@ -291,3 +291,17 @@ def test_a_head_output_steering_vector_is_that_head_through_its_slice_of_o_proj(
     d = z.shape[-1]
     w_o = entry.model.model.layers[3].self_attn.o_proj.weight[:, d:2 * d]  # [m, d]
     assert_close(vector, (w_o @ z).float(), atol=1e-4, rtol=1e-4)
+
+
+def test_after_a_chat_generation_the_picker_explains_the_last_token_that_is_not_special(default_gguf):
+    from test_handlers import run_generate
+
+    state = app_state.BrowserState()
+    run_generate(state, str(default_gguf), "Say hi", chat_template=True, max_new_tokens=24)
+    run = state.run
+    shown = wb.after_run(state, compare.Workbench(), "")
+    index = shown["explain_token"]["value"]
+    special = set(run.entry.tokenizer.all_special_ids)
+    assert run.ids[0, index].item() not in special and index >= run.prompt_length
+    later = [i for i in range(index + 1, run.ids.shape[1]) if run.ids[0, i].item() not in special]
+    assert not later  # the last such token

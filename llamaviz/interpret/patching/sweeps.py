@@ -41,10 +41,23 @@ def check_pair(model, corrupted_tokens: torch.Tensor, clean_tokens: torch.Tensor
     """Clean and corrupted prompts must tokenize to the same shape; the error shows both tokenizations."""
     if clean_tokens is None or tuple(clean_tokens.shape) == tuple(corrupted_tokens.shape):
         return
-    show = _tokenization(model, clean_tokens), _tokenization(model, corrupted_tokens)
-    raise ValueError(f"clean and corrupted prompts must have the same token length to patch between them; "
-                     f"clean is {tuple(clean_tokens.shape)}: {show[0]}, corrupted is "
-                     f"{tuple(corrupted_tokens.shape)}: {show[1]}")
+    raise ValueError(f"clean and corrupted prompts must have the same token length to patch between them; clean "
+                     f"is {tuple(clean_tokens.shape)}, corrupted is {tuple(corrupted_tokens.shape)}. "
+                     + aligned(_tokenization(model, clean_tokens), _tokenization(model, corrupted_tokens)))
+
+
+def aligned(clean: list, corrupted: list, around: int = 3) -> str:
+    """The two tokenizations side by side from just before their first difference: "9: ' John' | ' Jo'"."""
+    clean, corrupted = [clean] if not isinstance(clean, list) else clean, corrupted
+    clean = clean[0] if clean and isinstance(clean[0], list) else clean
+    corrupted = corrupted[0] if corrupted and isinstance(corrupted[0], list) else corrupted
+    first = next((i for i, (a, b) in enumerate(zip(clean, corrupted)) if a != b), min(len(clean), len(corrupted)))
+    rows = []
+    for i in range(max(0, first - around), min(max(len(clean), len(corrupted)), first + around + 1)):
+        left = repr(clean[i]) if i < len(clean) else "-"
+        right = repr(corrupted[i]) if i < len(corrupted) else "-"
+        rows.append(f"{i}: {left} | {right}" + ("  <- first difference" if i == first else ""))
+    return f"They first differ at position {first} (clean | corrupted): " + "; ".join(rows)
 
 
 def _tokenization(model, tokens: torch.Tensor):
