@@ -99,3 +99,15 @@ def test_pruning_scores_and_json(setup, tmp_path):
     assert sum(node["is_target_logit"] for node in data["nodes"]) == 1
     with pytest.raises(ValueError, match="ids must be"):
         graphs.attribute(setup[0], setup[1], torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_qk_attribution_sums_exactly_to_the_heads_score(setup):
+    model, transcoders, ids, graph = setup
+    found = graphs.qk_attribution(model, transcoders, graph, layer=2, head=1, query=5, key=3)
+    terms = found["terms"]
+    assert terms.shape == (len(found["labels"]),) * 2
+    # exact up to rounding: the terms are large and cancel, so compare with their total size
+    assert abs(terms.sum().item() - found["score"]) <= 1e-6 * terms.abs().sum().item()
+    assert (terms.abs() > 1e-9).sum() > 4  # spread over many pairs, not one
+    with pytest.raises(ValueError, match="key <= query"):
+        graphs.qk_attribution(model, transcoders, graph, 2, 1, 3, 5)

@@ -6,11 +6,12 @@ logits, joined by their direct effects in the frozen replacement model (the circ
     graphs.write_json(graph, kept, "graph.json", tokenizer)       # circuit-tracer's graph JSON
 
 May import: llamaviz.llama, distributed, checkpoints, tokenizers, run, interpret, features.
-Inside: replacement (the frozen model) <- attribution <- pruning <- export.
+Inside: replacement (the frozen model) <- attribution <- pruning <- export; qk (QK attribution).
 """
 
 from llamaviz.graphs.attribution import Graph, attribute
 from llamaviz.graphs.export import write_json
 from llamaviz.graphs.pruning import Pruned, prune, scores
+from llamaviz.graphs.qk import qk_attribution
 
-__all__ = ["Graph", "Pruned", "attribute", "prune", "scores", "write_json"]
+__all__ = ["Graph", "Pruned", "attribute", "prune", "qk_attribution", "scores", "write_json"]
