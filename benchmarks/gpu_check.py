@@ -12,7 +12,9 @@ Writes gpu_check.json and gpu_check.md (--out DIR) and prints the table. Section
 - speed against transformers in the same process: prefill and decode tokens/s, medians of
   alternating rounds, their ratio; capture overhead;
 - int4 / int8 weight-only: bytes and top-1 agreement with float32;
-- dictionaries: encode + decode tokens/s of a TopK SAE at the default model's width.
+- dictionaries: encode + decode tokens/s of a TopK SAE at the default model's width, the TopK trainer's
+  tokens/s and one attribution graph's time;
+- get_act_patch_resid_pre on the default model against TransformerLens (full mode, where installed).
 Times are medians of alternating runs; read the ratios, not one absolute time.
 """
 
@@ -173,6 +175,55 @@ def dictionaries(device: str, tokens: int) -> dict:
     return {"TopK SAE (576 x 8x, k=32) encode+decode tokens/s": tokens / seconds}
 
 
+def patching_vs_tl(device: str) -> dict:
+    """get_act_patch_resid_pre on the default model, ours against TransformerLens's bridge over the same weights."""
+    import sys
+
+    sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "tests")]
+    import analysis_vs_tl as pair
+    import transformer_lens.patching as tl_patching
+
+    from llamaviz import patching
+
+    ours, tl = pair.load(torch.get_num_threads())
+    ours, tl = ours.to(device), tl.to(device)
+    clean, corrupted = (ids.to(device) for ids in pair.prompt_pair(ours, tl))
+    john, mary = ours.to_single_token(" John"), ours.to_single_token(" Mary")
+    metric = lambda logits: logits[0, -1, mary] - logits[0, -1, john]  # noqa: E731
+    with torch.no_grad():
+        _, cache = ours.run_with_cache(clean)
+        _, tl_cache = tl.run_with_cache(clean)
+    mine_s, theirs_s, mine, theirs = pair.alternate(
+        lambda: patching.get_act_patch_resid_pre(ours, corrupted, cache, metric),
+        lambda: tl_patching.get_act_patch_resid_pre(tl, corrupted, tl_cache, metric), 3)
+    return {"get_act_patch_resid_pre speed-up over TransformerLens": theirs_s / mine_s,
+            "get_act_patch_resid_pre max abs diff vs TransformerLens": float((mine - theirs).abs().max())}
+
+
+def training_and_graphs(device: str, quick: bool) -> dict:
+    """Tokens/s of the TopK trainer on random activations, and the time of one attribution graph (tiny shapes)."""
+    import numpy as np
+
+    from llamaviz import graphs
+    from llamaviz.features.training import TrainConfig, Trainer
+    from llamaviz.features.transcoder_set import TranscoderSet, transcoder
+
+    d, width = (64, 512) if quick else (576, 4608)
+    x = np.random.default_rng(0).standard_normal((4096 * (2 if quick else 16), d)).astype(np.float32)
+    trainer = Trainer(TrainConfig(architecture="topk", width=width, k=32, batch_size=1024, steps=4 if quick else 32), x)
+    seconds = timed(lambda: [trainer.train_step() for _ in range(trainer.steps)], "cpu")
+    rows = {"TopK trainer tokens/s (cpu tensors)": trainer.steps * 1024 / seconds}
+    _, model = pair(TINY, "cpu", torch.float32)
+    tcs = TranscoderSet([transcoder(layer, 64, 256) for layer in range(TINY["num_hidden_layers"])])
+    with torch.no_grad():
+        for tc in tcs:
+            for param in tc.parameters():
+                param.normal_(0, 0.1)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 32))
+    rows["attribution graph, tiny model, 32 tokens: seconds"] = timed(lambda: graphs.attribute(model, tcs, ids), "cpu")
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -190,7 +241,10 @@ def main(argv=None) -> dict:
                                      2 if quick else 5)),
         ("quantized", lambda: quantized(shape, device, 16 if quick else 256)),
         ("dictionaries", lambda: dictionaries(device, 256 if quick else 65536)),
+        ("training and graphs", lambda: training_and_graphs(device, quick)),
     ]
+    if not quick:
+        sections.append(("patching vs TransformerLens", lambda: patching_vs_tl(device)))
     if device.startswith("cuda"):
         sections.insert(3, ("speed bf16", lambda: speed(shape, device, torch.bfloat16, 2048, 64, 5)))
     for name, run in sections:

@@ -66,7 +66,7 @@ class HookedTransformer(nn.Module):
         if not hasattr(model, "hook_points") or not hasattr(model, "lm_head"):
             raise TypeError(f"HookedTransformer wraps a llamaviz causal LM (llamaviz.load's model); "
                             f"got {type(model).__name__}")
-        self.model = model
+        self.lm = model  # named lm: `face.model` is then the model's own LlamaModel, as code written for it expects
         self.blocks = nn.ModuleList(Block(model, layer) for layer in range(model.config.num_hidden_layers))
         self.ln_final = HookNamespace(model, "ln_final.")
         self.embed = _Weights(model, {"W_E": "W_E"})
@@ -84,25 +84,25 @@ class HookedTransformer(nn.Module):
                 stop_at_layer: int | None = None, **kwargs):
         """TransformerLens' forward: tokens [b, p] or text in; logits [b, p, v] by default, or "loss",
         "both", None; stop_at_layer=L gives the residual stream entering block L."""
-        return self.model(input, return_type=return_type, prepend_bos=prepend_bos, stop_at_layer=stop_at_layer,
+        return self.lm(input, return_type=return_type, prepend_bos=prepend_bos, stop_at_layer=stop_at_layer,
                           **kwargs)
 
     @property
     def hook_embed(self) -> HookPoint:
-        return self.model.hook_points()["hook_embed"]
+        return self.lm.hook_points()["hook_embed"]
 
     @property
     def hook_dict(self) -> dict[str, HookPoint]:
-        return self.model.hook_points()
+        return self.lm.hook_points()
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("model"), name)
+            return getattr(super().__getattr__("lm"), name)
 
     def __repr__(self) -> str:
-        return f"HookedTransformer({type(self.model).__name__}, {self.model.config.num_hidden_layers} blocks)"
+        return f"HookedTransformer({type(self.lm).__name__}, {self.lm.config.num_hidden_layers} blocks)"
 
 
 class _Weights(nn.Module):

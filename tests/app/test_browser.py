@@ -311,10 +311,10 @@ def test_views_of_a_finished_run_answer_within_a_second_while_another_page_gener
         page.context.close()
 
 
-def test_a_4000_token_prompt_pools_zooms_and_shades_the_text(browser, server):
-    prompt = " ".join(f"item {i} is {'red' if i % 3 else 'blue'}." for i in range(700))  # about 4,000 tokens
+def test_an_8k_token_prompt_pools_zooms_and_shades_the_text(browser, server):
+    prompt = " ".join(f"item {i} is {'red' if i % 3 else 'blue'}." for i in range(1000))  # 7,890 tokens
     page = open_page(browser, server)
-    page.set_default_timeout(5 * STEP_MS)  # a 4,000-token prefill and every head's score on 2 busy cores
+    page.set_default_timeout(8 * STEP_MS)  # an 8K-token prefill and every head's score on 2 busy cores
     start_generation(page, prompt, max_new_tokens=2)
     wait_for_status(page, "Done")
     page.wait_for_function("() => ((document.querySelector('#attention-plot .gtitle') || {}).textContent || '')"
@@ -323,10 +323,10 @@ def test_a_4000_token_prompt_pools_zooms_and_shades_the_text(browser, server):
     page.wait_for_function("() => ((document.querySelector('#attention-plot .gtitle') || {}).textContent || '')"
                            ".startsWith('L0 H4 (max over')")
     page.get_by_text("Zoom and text view").click()
-    for box, value in (("#zoom-q0", 3900), ("#zoom-q1", 3931), ("#zoom-k0", 0), ("#zoom-k1", 31)):
+    for box, value in (("#zoom-q0", 7800), ("#zoom-q1", 7831), ("#zoom-k0", 0), ("#zoom-k1", 31)):
         page.fill(f"{box} input", str(value))
     page.click("#zoom")
-    wait_for_plot_title(page, "#attention-plot", "L0 H4 queries 3900–3931")
+    wait_for_plot_title(page, "#attention-plot", "L0 H4 queries 7800–7831")
     page.fill("#text-position input", "3000")
     page.press("#text-position input", "Enter")
     page.wait_for_selector('#attention-text span[data-pos="3000"].lv-picked')

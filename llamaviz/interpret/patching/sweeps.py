@@ -46,14 +46,15 @@ def check_pair(model, corrupted_tokens: torch.Tensor, clean_tokens: torch.Tensor
                      + aligned(_tokenization(model, clean_tokens), _tokenization(model, corrupted_tokens)))
 
 
-def aligned(clean: list, corrupted: list, around: int = 3) -> str:
-    """The two tokenizations side by side from just before their first difference: "9: ' John' | ' Jo'"."""
+def aligned(clean: list, corrupted: list, before: int = 3, after: int = 40) -> str:
+    """The two tokenizations side by side, position by position, from just before their first difference:
+    "9: ' John' | ' Jo'" (at most `after` positions past it)."""
     clean, corrupted = [clean] if not isinstance(clean, list) else clean, corrupted
     clean = clean[0] if clean and isinstance(clean[0], list) else clean
     corrupted = corrupted[0] if corrupted and isinstance(corrupted[0], list) else corrupted
     first = next((i for i, (a, b) in enumerate(zip(clean, corrupted)) if a != b), min(len(clean), len(corrupted)))
     rows = []
-    for i in range(max(0, first - around), min(max(len(clean), len(corrupted)), first + around + 1)):
+    for i in range(max(0, first - before), min(max(len(clean), len(corrupted)), first + after + 1)):
         left = repr(clean[i]) if i < len(clean) else "-"
         right = repr(corrupted[i]) if i < len(corrupted) else "-"
         rows.append(f"{i}: {left} | {right}" + ("  <- first difference" if i == first else ""))
