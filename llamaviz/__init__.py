@@ -43,6 +43,9 @@ _LAZY = {
     "test_prompt": "llamaviz.interpret.utils",
     "load": "llamaviz.run.loading",
     "HookedTransformer": "llamaviz.tl",
+    "HookedSAETransformer": "llamaviz.tl",
+    "SAE": "llamaviz.features",
+    "TranscoderSet": "llamaviz.features",
 }
 # Modules that moved into the layered packages, still importable and reachable as attributes under their old names.
 MOVED = {
@@ -56,7 +59,7 @@ MOVED = {
 }
 # Packages reachable as attributes (llamaviz.plots.head_grid) without an import line.
 _PACKAGES = ("checkpoints", "distributed", "interpret", "llama", "notebook", "plots", "run", "terminal",
-             "tokenizers", "tl")
+             "tokenizers", "tl", "features", "graphs")
 
 for _slot, _target in {
     "load_pretrained": "llamaviz.checkpoints.loading:load_pretrained",

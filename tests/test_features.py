@@ -226,3 +226,43 @@ def test_an_attached_transcoder_set_replaces_each_mlp(tiny):
             with features.attached(tiny, random_dictionary("standard", hook="blocks.1.hook_resid_postt")):
                 pass
         assert "blocks.1.hook_resid_postt.hook_sae_input" not in tiny.hook_points()
+
+
+def test_saelens_spellings_port(tmp_path, tiny):
+    from llamaviz import SAE, HookedSAETransformer, TranscoderSet
+
+    sae = random_dictionary("topk", k=8)
+    features.save(sae, tmp_path / "sae")
+    loaded = SAE.load_from_disk(tmp_path / "sae")
+    loaded.save_model(tmp_path / "again")
+    x = torch.randn(2, M)
+    with torch.no_grad():
+        assert_close(SAE.load_from_disk(tmp_path / "again")(x), sae(x))
+    tcs = random_set(layers=2)
+    tcs.save(tmp_path / "set")
+    assert len(TranscoderSet.load(tmp_path / "set")) == 2
+    model = HookedSAETransformer(tiny)
+    ids = torch.randint(3, 113, (1, 6))
+    plain = model(ids)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache_with_saes(ids, saes=[loaded], use_error_term=True)
+        assert_close(logits, plain, atol=1e-5, rtol=1e-5)
+        assert "blocks.1.hook_resid_post.hook_sae_acts_post" in cache
+        model.add_sae(loaded)
+        assert "blocks.1.hook_resid_post.hook_sae_output" in model.hook_dict and model.acts_to_saes
+        spliced = model(ids)
+        model.reset_saes()
+        assert "blocks.1.hook_resid_post.hook_sae_output" not in model.hook_dict
+        assert_close(model(ids), plain)
+    assert not torch.allclose(spliced, plain)
+
+
+def test_nan_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = features.save(random_dictionary("standard"), tmp_path / "sae")
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    weights["b_enc"][3] = float("nan")
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(ValueError, match="b_enc holds NaN or infinite values"):
+        features.load(folder)

@@ -14,8 +14,8 @@ training <- job <- command (features.train, what `llamaviz features train` runs)
 from llamaviz.features.attach import attached
 from llamaviz.features.command import train
 from llamaviz.features.dictionary import ARCHITECTURES, NORMALIZATIONS, Dictionary
-from llamaviz.features.saelens_files import load, save
+from llamaviz.features.saelens_files import SAE, load, save
 from llamaviz.features.transcoder_set import TranscoderSet, load_transcoder_set, save_transcoder_set
 
-__all__ = ["ARCHITECTURES", "NORMALIZATIONS", "Dictionary", "TranscoderSet", "attached", "load",
+__all__ = ["ARCHITECTURES", "NORMALIZATIONS", "SAE", "Dictionary", "TranscoderSet", "attached", "load",
            "load_transcoder_set", "save", "save_transcoder_set", "train"]

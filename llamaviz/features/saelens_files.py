@@ -58,12 +58,12 @@ def read_config(folder: Path) -> DictionaryConfig:
         normalize_activations=raw.get("normalize_activations", "none") or "none", metadata=metadata)
 
 
-def load(folder, device=None, dtype=None) -> Dictionary:
+def load(folder, device=None, dtype=None, cls=Dictionary) -> Dictionary:
     """A dictionary from a SAELens folder (safetensors only); every weight's shape is checked against cfg.json."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no dictionary folder at {folder} (accepted: a folder with {CONFIG} and {WEIGHTS})")
-    dictionary = Dictionary(read_config(folder))
+    dictionary = cls(read_config(folder))
     try:
         weights = load_file(str(folder / WEIGHTS))
     except FileNotFoundError:
@@ -79,6 +79,9 @@ def load(folder, device=None, dtype=None) -> Dictionary:
         if tuple(weights[name].shape) != shape:
             raise ValueError(f"{folder / WEIGHTS}: {name} has shape {list(weights[name].shape)}, cfg.json says "
                              f"{list(shape)} (d_in={dictionary.cfg.d_in}, d_sae={dictionary.cfg.d_sae})")
+    bad = [name for name in expected if not torch.isfinite(weights[name]).all()]
+    if bad:
+        raise ValueError(f"{folder / WEIGHTS}: {', '.join(bad)} holds NaN or infinite values")
     dictionary.load_state_dict({name: weights[name] for name in expected})
     if extra - {"scaling_factor"}:
         dictionary.cfg.metadata.setdefault("ignored_tensors", sorted(extra))
@@ -121,3 +124,14 @@ def load_sparsity(folder) -> torch.Tensor | None:
     """The log10 firing frequency [d_sae] saved beside a dictionary, or None."""
     path = Path(folder) / SPARSITY
     return load_file(str(path))["sparsity"] if path.exists() else None
+
+
+class SAE(Dictionary):
+    """SAELens's spelling: SAE.load_from_disk(path), sae.save_model(path), sae.encode / decode / sae(x)."""
+
+    @classmethod
+    def load_from_disk(cls, path, device: str | None = None, dtype=None) -> "SAE":
+        return load(path, device=device, dtype=dtype, cls=cls)
+
+    def save_model(self, path, sparsity: torch.Tensor | None = None) -> Path:
+        return save(self, path, sparsity)

@@ -43,6 +43,14 @@ class TranscoderSet(nn.Module):
     def __iter__(self):
         return iter(self.transcoders)
 
+    @classmethod
+    def load(cls, folder, device=None) -> "TranscoderSet":
+        """circuit-tracer's layout (config.yaml + layer_{i}.safetensors)."""
+        return load_transcoder_set(folder, device)
+
+    def save(self, folder) -> Path:
+        return save_transcoder_set(self, folder)
+
 
 def transcoder(layer: int, d_model: int, d_tc: int, activation: str = "relu", skip: bool = True,
                k: int | None = None) -> Dictionary:

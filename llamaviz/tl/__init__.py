@@ -1,9 +1,9 @@
 """The TransformerLens face: HookedTransformer over a llamaviz model, so TransformerLens scripts port
 by changing their import and loading lines only.
 
-May import: every layer below it (llama .. app are not needed: llama, checkpoints, tokenizers, run).
+May import: every layer below it (it uses llama, run and features).
 """
 
-from llamaviz.tl.hooked import HookedTransformer
+from llamaviz.tl.hooked import HookedSAETransformer, HookedTransformer
 
-__all__ = ["HookedTransformer"]
+__all__ = ["HookedSAETransformer", "HookedTransformer"]

@@ -8,6 +8,8 @@ under TransformerLens' paths; its forward is the model's with return_type="logit
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -123,3 +125,45 @@ class _Weights(nn.Module):
         if "W_E" in self.__dict__["_weights"]:
             return model.model.embed_tokens(tokens)
         return model.lm_head(tokens)
+
+
+class HookedSAETransformer(HookedTransformer):
+    """SAELens's HookedSAETransformer API on the face: add_sae / reset_saes / saes() / run_with_saes /
+    run_with_cache_with_saes, through llamaviz.features.attached (the SAEs' hook points join the model's)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._attached: list = []
+        self._stack = contextlib.ExitStack()
+
+    def add_sae(self, sae, use_error_term: bool = False):
+        """Attach `sae` until reset_saes()."""
+        from llamaviz.features import attached
+
+        self._stack.enter_context(attached(self.lm, sae, use_error_term=use_error_term))
+        self._attached.append(sae)
+        return sae
+
+    def reset_saes(self) -> None:
+        self._stack.close()
+        self._stack, self._attached = contextlib.ExitStack(), []
+
+    @property
+    def acts_to_saes(self) -> dict:
+        return {sae.cfg.hook_name: sae for sae in self._attached}
+
+    @contextlib.contextmanager
+    def saes(self, saes=(), use_error_term: bool = False):
+        """Attach `saes` for the block only."""
+        from llamaviz.features import attached
+
+        with attached(self.lm, *saes, use_error_term=use_error_term):
+            yield self
+
+    def run_with_saes(self, input, saes=(), use_error_term: bool = False, **kwargs):
+        with self.saes(saes, use_error_term):
+            return self(input, **kwargs)
+
+    def run_with_cache_with_saes(self, input, saes=(), use_error_term: bool = False, **kwargs):
+        with self.saes(saes, use_error_term):
+            return self.run_with_cache(input, **kwargs)
