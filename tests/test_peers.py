@@ -16,12 +16,13 @@ from llamaviz import features
 from test_features import CASES, random_dictionary, random_set
 
 PEERS = Path(__file__).resolve().parents[1] / ".venv-peers" / "bin" / "python"
+BUILT = PEERS.parents[1] / ".installed"  # make peers writes it last: a half-built environment is skipped
 SAE_CASES = CASES
 
 
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory):
-    if not PEERS.exists():
+    if not BUILT.exists():
         pytest.skip("the peers environment is absent: `make peers` builds .venv-peers (sae-lens, circuit-tracer)")
     work = tmp_path_factory.mktemp("peers")
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(9))
