@@ -37,6 +37,12 @@ def target_values(run: ReplacementRun, graph, additions=None) -> torch.Tensor:
     return torch.stack(values)
 
 
+def target_rows(graph) -> torch.Tensor:
+    """The adjacency rows of the targets: the features, then the logits."""
+    n = graph.adjacency.shape[0]
+    return torch.cat([torch.arange(len(graph.features)), torch.arange(n - len(graph.logit_tokens), n)])
+
+
 def test_the_frozen_model_reproduces_the_prompt(setup):
     model, transcoders, ids, _ = setup
     run = ReplacementRun(model, transcoders, ids)
@@ -50,9 +56,7 @@ def test_every_edge_is_the_brute_force_direct_effect(setup):
     model, transcoders, ids, graph = setup
     run = ReplacementRun(model, transcoders, ids)
     base = target_values(run, graph)
-    n_f = len(graph.features)
-    targets = torch.cat([torch.arange(n_f), torch.arange(graph.adjacency.shape[0] - len(graph.logit_tokens),
-                                                          graph.adjacency.shape[0])])
+    n_f, targets = len(graph.features), target_rows(graph)
     assert n_f > 5
     for source in range(0, n_f, max(1, n_f // 12)):  # features: add the feature's own contribution once more
         layer, position, index = graph.features[source].tolist()
@@ -72,9 +76,7 @@ def test_the_nodes_and_constants_rebuild_every_target(setup):
     model, transcoders, ids, graph = setup
     run = ReplacementRun(model, transcoders, ids)
     values = target_values(run, graph)
-    n_f = len(graph.features)
-    targets = torch.cat([torch.arange(n_f), torch.arange(graph.adjacency.shape[0] - len(graph.logit_tokens),
-                                                          graph.adjacency.shape[0])])
+    n_f, targets = len(graph.features), target_rows(graph)
     rebuilt = graph.adjacency[targets].sum(1) + graph.bias
     # the norms compute in float32 even in a float64 model, and this random model amplifies that rounding
     torch.testing.assert_close(rebuilt, values, atol=1e-3, rtol=1e-3)
