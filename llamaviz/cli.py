@@ -126,7 +126,7 @@ def _add_features(commands) -> None:
     train.add_argument("--keep-special", action="store_true", help="train on BOS/EOS/pad positions too")
     train.add_argument("--resume", action="store_true", help="continue from DIR's harvest and checkpoint")
     build = actions.add_parser("dashboards", help="build every feature's dashboard from a corpus",
-                               description="Two streaming passes over the corpus; writes DIR/dashboards.safetensors.")
+                               description="One pass of the model over the corpus (up to the hook); writes DIR/dashboards.safetensors.")
     _add_model(build)
     build.add_argument("--dictionary", required=True, metavar="DIR", help="a SAELens dictionary folder")
     build.add_argument("--data", required=True, help=".txt/.md/.jsonl file or folder")

@@ -1,4 +1,4 @@
-"""Feature dashboards built offline in two streaming passes over a corpus's windows.
+"""Feature dashboards built offline in one pass of the model over a corpus's windows.
 
 For every feature: the TOP contexts that activate it most (a window of tokens around the peak, with
 every token's activation), SAMPLES contexts from each of INTERVALS activation intervals, a BINS-bin
@@ -7,22 +7,28 @@ and bottom logit effects: the decoder row times the final norm's weight, through
 (the convention of logit_attrs; the norm's per-token scale is left out, so effects compare features,
 not absolute logits).
 
-Memory is a running top-k per feature, never a [tokens, features] tensor: at most one batch of
-activations [BATCH x context, features] at a time plus O(features x (TOP + INTERVALS x SAMPLES))
-indices. Stored next to the dictionary in dashboards.safetensors (no pickle), read lazily per feature.
+The model runs once, up to the dictionary's hook only, and the dictionary encodes what it reads there.
+That pass keeps a running top-TOP per feature (positions where it fires; an empty slot holds -1) and
+writes the non-zero activations to a temporary spill on disk (12 bytes each, in window order). The
+histograms (bins of peak / BINS), the interval samples (reservoirs by random keys, intervals of
+peak / INTERVALS) and the contexts' activations are then read back from the spill, without the model.
+Memory is one batch of activations [BATCH x context, features] plus O(features x (TOP + INTERVALS x
+SAMPLES) x context width) for the running state, never [tokens, features] (memory_bound() states it).
+Stored next to the dictionary in dashboards.safetensors (no pickle), read lazily per feature.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llamaviz.features.attach import attached
 from llamaviz.features.dictionary import Dictionary
 
 TOP, INTERVALS, SAMPLES, BINS, RADIUS, BATCH, EFFECTS = 20, 10, 3, 50, 8, 8, 10
@@ -30,11 +36,25 @@ FILE = "dashboards.safetensors"
 
 
 def feature_acts(model, dictionary: Dictionary, ids: torch.Tensor) -> torch.Tensor:
-    """[b, p, F] activations of every feature on windows ids [b, p] (the model runs with the dictionary attached)."""
-    name = f"{dictionary.cfg.hook_name}.hook_sae_acts_post"
-    with torch.no_grad(), attached(model, dictionary, use_error_term=True):
-        _, cache = model.run_with_cache(ids, names_filter=[name])
-    return cache[name].float()
+    """[b, p, F] activations of every feature on windows ids [b, p]: the dictionary encodes what its hook reads.
+
+    The forward stops after the hook's block (nothing later changes the hook's input), and the
+    dictionary is not spliced in: one encode, no reconstruction or error term.
+    """
+    hook = dictionary.cfg.hook_name
+    model._check_name(hook)
+    stop = _stop_layer(hook, model.config.num_hidden_layers)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, names_filter=[hook], **({} if stop is None else {"stop_at_layer": stop}))
+        return dictionary.encode(cache[hook].to(dictionary.W_enc.dtype)).float()
+
+
+def _stop_layer(hook: str, layers: int) -> int | None:
+    """The block after the one `hook` sits in ("blocks.L..." -> L + 1), None when the whole forward is needed."""
+    parts = hook.split(".")
+    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) + 1 < layers:
+        return int(parts[1]) + 1
+    return None
 
 
 def logit_effects(model, dictionary: Dictionary, count: int = EFFECTS, chunk: int = 1024) -> dict[str, torch.Tensor]:
@@ -43,56 +63,114 @@ def logit_effects(model, dictionary: Dictionary, count: int = EFFECTS, chunk: in
     out = {key: [] for key in ("promoted_ids", "promoted_values", "suppressed_ids", "suppressed_values")}
     with torch.no_grad():
         for start in range(0, dictionary.cfg.d_sae, chunk):
-            effects = (dictionary.W_dec[start:start + chunk].float() * weight) @ unembed.T  # [c, v]
+            effects = (dictionary.W_dec[start:start + chunk].float().to(weight.device) * weight) @ unembed.T  # [c, v]
             top, bottom = effects.topk(count, dim=-1), effects.topk(count, dim=-1, largest=False)
             out["promoted_ids"].append(top.indices), out["promoted_values"].append(top.values)
             out["suppressed_ids"].append(bottom.indices), out["suppressed_values"].append(bottom.values)
-    return {key: torch.cat(values) for key, values in out.items()}
+    return {key: torch.cat(values).cpu() for key, values in out.items()}
+
+
+class Ranked:
+    """The `size` largest keys of each of `groups` groups offered so far, each with a payload; -1 marks an empty slot."""
+
+    def __init__(self, groups: int, size: int):
+        self.keys = torch.full((groups, size), -1.0)  # [G, size], descending
+        self.payload = torch.zeros(groups, size, dtype=torch.long)
+
+    def offer(self, group: torch.Tensor, key: torch.Tensor, payload: torch.Tensor) -> None:
+        """Merge candidates (group [N], key [N] >= 0, payload [N]) into the kept ones."""
+        better = key > self.keys[group, -1]  # only these can enter: the rest of the state stays as it is
+        group, key, payload = group[better], key[better], payload[better]
+        if not len(group):
+            return
+        touched, local = torch.unique(group, return_inverse=True)
+        size = self.keys.shape[1]
+        every_group = torch.cat([torch.arange(len(touched)).repeat_interleave(size), local])
+        every_key = torch.cat([self.keys[touched].flatten(), key])
+        every_payload = torch.cat([self.payload[touched].flatten(), payload])
+        order = torch.argsort(every_key, descending=True, stable=True)
+        order = order[torch.argsort(every_group[order], stable=True)]  # by group, then key descending
+        ranked = every_group[order]
+        rank = torch.arange(len(ranked)) - torch.searchsorted(ranked, ranked)
+        kept = order[rank < size]
+        keys, payloads = torch.full((len(touched), size), -1.0), torch.zeros(len(touched), size, dtype=torch.long)
+        keys[every_group[kept], rank[rank < size]] = every_key[kept]
+        payloads[every_group[kept], rank[rank < size]] = every_payload[kept]
+        self.keys[touched], self.payload[touched] = keys, payloads
+
+
+class Spill:
+    """The pass's non-zero activations on disk, in batches: int64 keys ((window x p + position) x F + feature,
+    ascending) and float32 values."""
+
+    def __init__(self, folder: Path):
+        self.keys_path, self.values_path = folder / "keys.bin", folder / "values.bin"
+        self._files = [open(self.keys_path, "wb"), open(self.values_path, "wb")]
+        self.counts: list[int] = []
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._files[0].write(keys.numpy().tobytes())
+        self._files[1].write(values.numpy().astype(np.float32).tobytes())
+        self.counts.append(len(keys))
+
+    def batches(self):
+        """(keys, values) of each appended batch, read back in order."""
+        for handle in self._files:
+            handle.flush()
+        offset = 0
+        for count in self.counts:
+            keys = np.fromfile(self.keys_path, dtype=np.int64, count=count, offset=8 * offset)
+            values = np.fromfile(self.values_path, dtype=np.float32, count=count, offset=4 * offset)
+            offset += count
+            yield torch.from_numpy(keys), torch.from_numpy(values)
+
+    def lookup(self, wanted: torch.Tensor) -> torch.Tensor:
+        """The activations at keys `wanted` [N] (0 where the feature was not active), in one read of the spill."""
+        order = torch.argsort(wanted)
+        ordered, found = wanted[order], torch.zeros(len(wanted))
+        for keys, values in self.batches():
+            if not len(keys) or not len(ordered):
+                continue
+            low, high = int(torch.searchsorted(ordered, keys[0])), int(torch.searchsorted(ordered, keys[-1], right=True))
+            at = torch.searchsorted(keys, ordered[low:high]).clamp(max=len(keys) - 1)
+            hit = keys[at] == ordered[low:high]
+            found[order[low:high][hit]] = values[at[hit]]
+        return found
+
+    def close(self) -> None:
+        for handle in self._files:
+            handle.close()
 
 
 def build(model, dictionary: Dictionary, windows: torch.Tensor, folder=None, progress=None) -> Path | dict:
     """Dashboards of every feature from windows [n, p]; written to folder/dashboards.safetensors when folder is given."""
     n, p = windows.shape
     features = dictionary.cfg.d_sae
-    peak = torch.zeros(features)
-    top_values, top_where = torch.full((features, TOP), -1.0), torch.zeros(features, TOP, dtype=torch.long)
-    fired = torch.zeros(features)
-    for start in range(0, n, BATCH):  # pass 1: maxima, density, top contexts
-        acts = feature_acts(model, dictionary, windows[start:start + BATCH])  # [b, p, F]
-        flat = acts.reshape(-1, features)  # [b * p, F]
-        fired += (flat > 0).sum(0)
-        peak = torch.maximum(peak, flat.max(0).values)
-        values = torch.cat([top_values, flat.T], dim=1)  # [F, TOP + b * p]
-        where = torch.cat([top_where, torch.arange(start * p, start * p + flat.shape[0]).expand(features, -1)], dim=1)
-        top_values, chosen = values.topk(TOP, dim=1)
-        top_where = where.gather(1, chosen)
-        if progress is not None:
-            progress(min(n, start + BATCH), 2 * n)
-    histogram = torch.zeros(features, BINS)
-    sample_keys = torch.full((features, INTERVALS, SAMPLES), -1.0)
-    sample_where = torch.zeros(features, INTERVALS, SAMPLES, dtype=torch.long)
-    generator = torch.Generator().manual_seed(0)
-    for start in range(0, n, BATCH):  # pass 2: histograms and interval samples (reservoirs by random keys)
-        flat = feature_acts(model, dictionary, windows[start:start + BATCH]).reshape(-1, features)
-        scaled = flat / peak.clamp(min=1e-12)  # (0, 1] where the feature fires
-        bins = (scaled * BINS).ceil().clamp(1, BINS).long() - 1
-        histogram.scatter_add_(1, bins.T, (flat > 0).float().T)
-        interval = (scaled * INTERVALS).ceil().clamp(1, INTERVALS).long() - 1
-        keys = torch.rand(flat.shape, generator=generator)
-        positions = torch.arange(start * p, start * p + flat.shape[0])
-        for index in range(INTERVALS):
-            masked = torch.where((flat > 0) & (interval == index), keys, torch.full_like(keys, -1.0)).T  # [F, N]
-            merged = torch.cat([sample_keys[:, index], masked], dim=1)
-            where = torch.cat([sample_where[:, index], positions.expand(features, -1)], dim=1)
-            sample_keys[:, index], chosen = merged.topk(SAMPLES, dim=1)
-            sample_where[:, index] = where.gather(1, chosen)
-        if progress is not None:
-            progress(n + min(n, start + BATCH), 2 * n)
-    tensors = {"peak": peak, "density": fired / (n * p), "histogram": histogram, "top_values": top_values,
-               "top_where": top_where, "sample_where": sample_where, "sample_valid": sample_keys >= 0,
-               **contexts(model, dictionary, windows, top_where, top_values >= 0, "top"),
-               **contexts(model, dictionary, windows, sample_where.view(features, -1),
-                          (sample_keys >= 0).view(features, -1), "sample"),
+    top, fired = Ranked(features, TOP), torch.zeros(features)
+    with tempfile.TemporaryDirectory(dir=folder) as spill_folder:
+        spill = Spill(Path(spill_folder))
+        try:
+            for start in range(0, n, BATCH):  # the one pass of the model: density, top positions, the spill
+                flat = feature_acts(model, dictionary, windows[start:start + BATCH]).reshape(-1, features)
+                rows, feature = flat.nonzero(as_tuple=True)  # row-major: keys come out ascending
+                keys = ((start * p + rows) * features + feature).cpu()
+                values, feature = flat[rows, feature].cpu(), feature.cpu()
+                spill.append(keys, values)
+                fired += torch.bincount(feature, minlength=features)
+                top.offer(feature, values, keys // features)
+                if progress is not None:
+                    progress(min(n, start + BATCH), n)
+            peak = top.keys[:, 0].clamp(min=0)
+            histogram, samples = _spread(spill, peak, features)
+            sample_where = samples.payload.view(features, INTERVALS, SAMPLES)
+            sample_valid = samples.keys.view(features, INTERVALS, SAMPLES) >= 0
+            found = _contexts(spill, windows, features, {"top": (top.payload, top.keys >= 0),
+                                                         "sample": (sample_where.reshape(features, -1),
+                                                                    sample_valid.reshape(features, -1))})
+        finally:
+            spill.close()
+    tensors = {"peak": peak, "density": fired / (n * p), "histogram": histogram, "top_values": top.keys,
+               "top_where": top.payload, "sample_where": sample_where, "sample_valid": sample_valid, **found,
                **logit_effects(model, dictionary)}
     if folder is None:
         return tensors
@@ -102,27 +180,41 @@ def build(model, dictionary: Dictionary, windows: torch.Tensor, folder=None, pro
     return path
 
 
-def contexts(model, dictionary: Dictionary, windows: torch.Tensor, where: torch.Tensor, valid: torch.Tensor,
-             prefix: str) -> dict[str, torch.Tensor]:
-    """Token ids and activations [F, k, 2 * RADIUS + 1] around each chosen (window, position); -1 pads."""
+def _spread(spill: Spill, peak: torch.Tensor, features: int) -> tuple[torch.Tensor, Ranked]:
+    """Histograms [F, BINS] of the non-zero activations over (0, peak] and the interval samples, from the spill."""
+    histogram = torch.zeros(features * BINS)
+    samples = Ranked(features * INTERVALS, SAMPLES)
+    generator = torch.Generator().manual_seed(0)
+    for keys, values in spill.batches():
+        feature = keys % features
+        scaled = values / peak[feature]  # (0, 1]
+        bins = (scaled * BINS).ceil().clamp(1, BINS).long() - 1
+        histogram += torch.bincount(feature * BINS + bins, minlength=features * BINS)
+        interval = (scaled * INTERVALS).ceil().clamp(1, INTERVALS).long() - 1
+        samples.offer(feature * INTERVALS + interval, torch.rand(len(keys), generator=generator), keys // features)
+    return histogram.view(features, BINS), samples
+
+
+def _contexts(spill: Spill, windows: torch.Tensor, features: int, chosen: dict) -> dict[str, torch.Tensor]:
+    """Token ids and activations [F, k, 2 x RADIUS + 1] around each chosen position ({prefix: (where, valid)});
+    -1 pads the ids. All activations come from one read of the spill."""
     p = windows.shape[1]
-    window_of, position = where // p, where % p
-    needed = sorted(set(window_of[valid].tolist()))
-    width = 2 * RADIUS + 1
-    ids = torch.full((*where.shape, width), -1, dtype=torch.long)
-    acts = torch.zeros(*where.shape, width)
     offsets = torch.arange(-RADIUS, RADIUS + 1)
-    for start in range(0, len(needed), BATCH):
-        chunk = needed[start:start + BATCH]
-        batch_acts = feature_acts(model, dictionary, windows[chunk])  # [c, p, F]
-        for row, window in enumerate(chunk):
-            feature, slot = torch.nonzero((window_of == window) & valid, as_tuple=True)
-            spots = position[feature, slot][:, None] + offsets  # [m, width]
-            inside = (spots >= 0) & (spots < p)
-            clipped = spots.clamp(0, p - 1)
-            ids[feature, slot] = torch.where(inside, windows[window][clipped], torch.full_like(clipped, -1))
-            acts[feature, slot] = torch.where(inside, batch_acts[row][clipped, feature[:, None]], torch.zeros(()))
-    return {f"{prefix}_ids": ids, f"{prefix}_acts": acts}
+    out, wanted, places = {}, [], []
+    for prefix, (where, valid) in chosen.items():
+        window_of, spots = (where // p)[..., None], (where % p)[..., None] + offsets  # [F, k, 1], [F, k, width]
+        inside = valid[..., None] & (spots >= 0) & (spots < p)
+        clipped = spots.clamp(0, p - 1)
+        out[f"{prefix}_ids"] = torch.where(inside, windows[window_of.expand_as(clipped), clipped], -1)
+        feature = torch.arange(features)[:, None, None]
+        wanted.append(((window_of * p + clipped) * features + feature)[inside])
+        places.append((prefix, inside))
+    found = spill.lookup(torch.cat(wanted))
+    for prefix, inside in places:
+        acts = torch.zeros(inside.shape)
+        acts[inside], found = found[:int(inside.sum())], found[int(inside.sum()):]
+        out[f"{prefix}_acts"] = acts
+    return out
 
 
 class DashboardFile:
@@ -167,8 +259,12 @@ def export_json(path, dashboards: DashboardFile, indices, tokenizer, model_id: s
     return path
 
 
-def memory_bound(features: int, context: int) -> int:
-    """Bytes the build holds at most besides the model: one batch of activations plus the running state."""
-    batch = BATCH * context * features * 4 * 3  # activations, scaled copy, keys
-    state = features * (TOP * 2 + INTERVALS * SAMPLES * 2 + BINS + 2) * 8
-    return batch + state + math.ceil(features * (TOP + INTERVALS * SAMPLES) * (2 * RADIUS + 1) * 12)
+def memory_bound(features: int, context: int, l0: int | None = None) -> int:
+    """Bytes the build holds at most besides the model's own forward: one batch of dense activations, its
+    non-zero entries (l0 per token, at most `features`: indices, keys, values and the merge's sort), the
+    running state, and the contexts with their lookups."""
+    tokens, l0 = BATCH * context, features if l0 is None else min(l0, features)
+    batch = tokens * features * 4 + tokens * l0 * (8 + 8 + 8 + 4 + 4 + 8 + 8 * 3)
+    kept = features * (TOP + INTERVALS * SAMPLES)
+    state = kept * (4 + 8) * 2 + features * (BINS + 1) * 4
+    return batch + state + kept * (2 * RADIUS + 1) * (8 + 4 + 8 * 4)
