@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import html
 import json
+import threading
+from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -18,41 +21,114 @@ from llamaviz import features
 from llamaviz.features import dashboards
 from llamaviz.plots.tokens import display_token
 
-from llamaviz.app.state import Run
+from llamaviz.app import models, views
+from llamaviz.app.state import LIVE_RUNS, Run
 
 TOP_FEATURES = 12
-_LOADED: dict[str, object] = {}
+DICTIONARY_SHARE = 4  # loaded dictionaries take at most 1/DICTIONARY_SHARE of the live-runs budget
+_LOADED: OrderedDict[str, "Loaded"] = OrderedDict()  # shared by every session, least recently used first
+_LOADED_LOCK = threading.Lock()
+
+
+class Loaded(NamedTuple):
+    """A dictionary loaded for all sessions and what is memoised on it (its logit effects, by model)."""
+
+    sae: object
+    effects: dict  # model key -> [F, 3] promoted token ids
+
+    def nbytes(self) -> int:
+        weights = sum(t.numel() * t.element_size() for t in self.sae.state_dict().values())
+        return weights + sum(ids.numel() * ids.element_size() for ids in self.effects.values())
+
+
+class RunActs(NamedTuple):
+    """A run's feature activations, kept sparse: token t's active features are features[starts[t]:starts[t + 1]]."""
+
+    starts: torch.Tensor  # [T + 1]
+    features: torch.Tensor  # [nnz]
+    values: torch.Tensor  # [nnz]
+    width: int  # F
+
+    def row(self, position: int) -> torch.Tensor:
+        """[F] activations at one token."""
+        low, high = int(self.starts[position]), int(self.starts[position + 1])
+        return torch.zeros(self.width).index_put_((self.features[low:high],), self.values[low:high])
+
+    def column(self, feature: int) -> torch.Tensor:
+        """[T] activations of one feature at every token."""
+        tokens = torch.repeat_interleave(torch.arange(len(self.starts) - 1), self.starts.diff())
+        hit = self.features == feature
+        return torch.zeros(len(self.starts) - 1).index_put_((tokens[hit],), self.values[hit])
 
 
 def found_dictionaries(model_path: str | None) -> list[str]:
-    """SAELens folders (cfg.json) under the model's folder and beside the checkpoint."""
-    roots = {Path("model")}
+    """SAELens folders (cfg.json) in the app's checkpoints folder (models.model_dir()) and beside the checkpoint."""
+    roots = {models.model_dir()}
     if model_path:
-        roots |= {Path(model_path).parent, Path(model_path).parent.parent}
+        checkpoint = Path(model_path)
+        roots |= {checkpoint.parent, checkpoint.resolve().parent}
+        roots |= {checkpoint} if checkpoint.is_dir() else set()
     found = {str(cfg.parent) for root in roots if root.is_dir() for cfg in root.glob("*/cfg.json")}
     found |= {str(cfg.parent) for root in roots if root.is_dir() for cfg in root.glob("*/layer_*/cfg.json")}
     return sorted(found)
 
 
-def dictionary(path: str):
-    """The dictionary at `path`, loaded once per process (a SAELens folder)."""
+def _loaded(path: str) -> Loaded:
+    """The dictionary at `path`, loaded once per process and counted in the live-runs budget (app/state.py)."""
     if not path:
         raise ValueError("pick a dictionary: a SAELens folder (cfg.json + sae_weights.safetensors)")
     key = str(Path(path).resolve())
-    if key not in _LOADED:
-        _LOADED[key] = features.load(path).eval()
-    return _LOADED[key]
+    with _LOADED_LOCK:
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+    entry = Loaded(features.load(path).eval(), {})
+    with _LOADED_LOCK:
+        entry = _LOADED.setdefault(key, entry)
+    _settle_dictionaries()
+    return entry
 
 
-def activations(run: Run, path: str) -> torch.Tensor:
-    """[T, F] activations of every feature over the run's sequence."""
-    key = ("feature-acts", str(Path(path).resolve()))
-    if key not in run.memo:
+def _settle_dictionaries() -> None:
+    """Drop the least recently used dictionaries past their share of the budget; count the rest in it."""
+    limit = LIVE_RUNS.max_bytes // DICTIONARY_SHARE
+    with _LOADED_LOCK:
+        while len(_LOADED) > 1 and sum(e.nbytes() for e in _LOADED.values()) > limit:
+            _LOADED.popitem(last=False)  # sessions still holding it keep their reference; it is loaded again if asked
+        held = sum(e.nbytes() for e in _LOADED.values())
+    LIVE_RUNS.hold("feature dictionaries", held)
+
+
+def dictionary(path: str):
+    """The dictionary at `path`, shared by every session (a SAELens folder)."""
+    return _loaded(path).sae
+
+
+def activations(run: Run, path: str) -> RunActs:
+    """The activations of every feature over the run's sequence, memoised on the run (its bytes in the budget)."""
+    def compute() -> RunActs:
         sae = dictionary(path)
         with run.entry.lock:
-            acts = dashboards.feature_acts(run.entry.model, sae, run.ids)[0]
-        run.memo[key] = (acts, acts.numel() * 4)
-    return run.memo[key][0]
+            acts = dashboards.feature_acts(run.entry.model, sae, run.ids)[0]  # [T, F]
+        rows, cols = acts.nonzero(as_tuple=True)
+        starts = torch.zeros(acts.shape[0] + 1, dtype=torch.long)
+        starts[1:] = torch.bincount(rows, minlength=acts.shape[0]).cumsum(0)
+        return RunActs(starts, cols, acts[rows, cols], acts.shape[1])
+
+    return views.memo(run, ("feature-acts", str(Path(path).resolve())), compute)
+
+
+def promoted(run: Run, path: str, chosen: list[int], count: int = 3) -> dict[int, list[int]]:
+    """The `count` tokens each chosen feature promotes most: from the dashboards file when present, else
+    from the decoder (computed once per dictionary and model, kept with the dictionary)."""
+    board = _dashboards(path)
+    if board is not None:
+        return {f: ids[:count].tolist() for f, ids in zip(chosen, board.values("promoted_ids", chosen))}
+    entry, model_key = _loaded(path), run.entry.path
+    if model_key not in entry.effects:
+        entry.effects[model_key] = dashboards.logit_effects(run.entry.model, entry.sae, count)["promoted_ids"]
+        _settle_dictionaries()
+    return {f: entry.effects[model_key][f, :count].tolist() for f in chosen}
 
 
 def check_position(run: Run, position) -> int:
@@ -78,22 +154,23 @@ def _dashboards(path: str):
 
 def top_features(run: Run, path: str, position) -> list[tuple[int, float, float | None]]:
     """[(feature, activation, density or None)] of the most active features at `position`."""
-    acts = activations(run, path)[check_position(run, position)]
+    acts = activations(run, path).row(check_position(run, position))
     values, indices = acts.topk(min(TOP_FEATURES, acts.numel()))
+    rows = [(int(i), float(v)) for v, i in zip(values, indices) if v > 0]
     board = _dashboards(path)
-    return [(int(i), float(v), float(board.feature(int(i))["density"]) if board else None)
-            for v, i in zip(values, indices) if v > 0]
+    density = board.values("density", [f for f, _ in rows]).tolist() if board and rows else [None] * len(rows)
+    return [(f, a, d) for (f, a), d in zip(rows, density)]
 
 
 def feature_list_html(run: Run, path: str, position) -> str:
     rows = top_features(run, path, position)
     if not rows:
         return "<p>No feature is active at this token.</p>"
-    effects = dashboards.logit_effects(run.entry.model, dictionary(path), 3)
+    effects = promoted(run, path, [f for f, _, _ in rows])
+    word = lambda t: display_token(run.entry.tokenizer.decode([t]))  # noqa: E731
     body = "".join(
         f'<tr data-feature="{f}"><td>{f}</td><td>{a:.3f}</td><td>{"" if d is None else f"{d:.2%}"}</td>'
-        f'<td>{html.escape(" ".join(display_token(run.entry.tokenizer.decode([t])) for t in effects["promoted_ids"][f].tolist()))}</td></tr>'
-        for f, a, d in rows)
+        f'<td>{html.escape(" ".join(word(t) for t in effects[f]))}</td></tr>' for f, a, d in rows)
     return ('<table class="lv-features"><tr><th>feature</th><th>activation</th><th>density</th>'
             f"<th>promotes</th></tr>{body}</table>")
 
@@ -101,7 +178,7 @@ def feature_list_html(run: Run, path: str, position) -> str:
 def text_html(run: Run, path: str, feature) -> str:
     """The run's text shaded by one feature's activation at every token."""
     feature = check_feature(path, feature)
-    acts = activations(run, path)[:, feature]
+    acts = activations(run, path).column(feature)
     top = float(acts.max()) or 1.0
     spans = "".join(
         f'<span data-pos="{i}" title="{i}: {float(a):.3f}" style="background: rgba(217, 119, 6, {float(a) / top:.3f})">'

@@ -188,6 +188,16 @@ class RunBudget:
         self.max_bytes = max_bytes
         self._runs: deque[Run] = deque()
         self._lock = threading.Lock()
+        self.shared: dict[str, int] = {}  # bytes held once for all sessions (loaded dictionaries), by name
+
+    def hold(self, name: str, nbytes: int) -> None:
+        """Count `nbytes` held for every session under `name` (0 = released); runs make room for them."""
+        with self._lock:
+            if nbytes:
+                self.shared[name] = nbytes
+            else:
+                self.shared.pop(name, None)
+        self.settle()
 
     def add(self, run: Run) -> None:
         with self._lock:
@@ -197,7 +207,7 @@ class RunBudget:
     def settle(self) -> None:
         """Release the oldest runs until the total is under budget (called after a run's memo grows)."""
         with self._lock:
-            total = sum(r.nbytes() for r in self._runs)
+            total = sum(r.nbytes() for r in self._runs) + sum(self.shared.values())
             released = False
             while total > self.max_bytes and len(self._runs) > 1:
                 oldest = self._runs.popleft()
@@ -208,9 +218,9 @@ class RunBudget:
             trim_heap()
 
     def total(self) -> int:
-        """Bytes all live runs hold now."""
+        """Bytes all live runs and the shared holdings take now."""
         with self._lock:
-            return sum(r.nbytes() for r in self._runs)
+            return sum(r.nbytes() for r in self._runs) + sum(self.shared.values())
 
     def discard(self, run: Run) -> None:
         with self._lock:

@@ -236,6 +236,18 @@ class DashboardFile:
         with safe_open(str(self.path), "pt") as f:
             return {key: f.get_slice(key)[index] for key in f.keys()}
 
+    def values(self, key: str, indices) -> torch.Tensor:
+        """One field of the chosen features, [len(indices), ...]: the other fields are not read."""
+        indices = [int(i) for i in indices]
+        for index in indices:
+            if not 0 <= index < self.features:
+                raise IndexError(f"feature {index} is out of range; accepted: 0..{self.features - 1}")
+        with safe_open(str(self.path), "pt") as f:
+            if key not in f.keys():
+                raise KeyError(f"{self.path} has no field {key!r}; it holds: {', '.join(sorted(f.keys()))}")
+            part = f.get_slice(key)
+            return torch.stack([part[i] for i in indices]) if indices else torch.zeros(0)
+
     def neuronpedia(self, index: int, tokenizer, model_id: str = "") -> dict:
         """One feature as Neuronpedia-style feature JSON (activations, logit effects, histogram, density)."""
         data = self.feature(index)

@@ -120,3 +120,43 @@ def test_bad_input_is_shown_and_exports_are_written(session, tmp_path):
     assert is_error(message) and "no dictionary folder" in message
     exported = features_tab.export(state, folder, -1, 3)["feature_file"]
     assert json.loads(Path(exported).read_text())["feature"] == 3
+
+
+def test_activations_and_dictionaries_count_in_the_live_runs_budget(session, tmp_path, monkeypatch):
+    state, folder, entry, sae = session
+    acts = fx.activations(state.run, folder)
+    dense = plain_acts(entry, state.run, sae)
+    assert torch.equal(acts.row(dense.shape[0] - 1), dense[-1]) and torch.equal(acts.column(7), dense[:, 7])
+    key = ("feature-acts", str(Path(folder).resolve()))
+    expected = sum(t.numel() * t.element_size() for t in acts[:3]) + 64 + 8 * 4  # payload.json_bytes of the tuple
+    assert state.run.memo[key][1] == expected and state.run.memo_bytes >= expected
+    weights = sum(t.numel() * t.element_size() for t in fx.dictionary(folder).state_dict().values())
+    held = sum(e.nbytes() for e in fx._LOADED.values())
+    assert app_state.LIVE_RUNS.shared["feature dictionaries"] == held >= weights
+    other = str(features.save(sae, tmp_path / "other"))
+    monkeypatch.setattr(fx, "DICTIONARY_SHARE", app_state.LIVE_RUNS.max_bytes)  # room for one dictionary only
+    fx.dictionary(other)
+    assert list(fx._LOADED) == [str(Path(other).resolve())]
+    assert app_state.LIVE_RUNS.shared["feature dictionaries"] == fx._LOADED[str(Path(other).resolve())].nbytes()
+
+
+def test_promoted_tokens_come_from_the_dashboards_or_the_decoder_once(session, tmp_path):
+    state, folder, entry, sae = session
+    effects = (sae.W_dec.detach() * entry.model.model.norm.weight.detach()) @ entry.model.lm_head.weight.detach().T
+    chosen = [0, 5, 9]
+    expected = {f: effects[f].topk(3).indices.tolist() for f in chosen}
+    assert fx.promoted(state.run, folder, chosen) == expected  # read from dashboards.safetensors
+    bare = str(features.save(sae, tmp_path / "bare"))  # no dashboards: from the decoder, memoised
+    assert fx.promoted(state.run, bare, chosen) == expected
+    assert fx._loaded(bare).effects[entry.path].shape == (sae.cfg.d_sae, 3)
+
+
+def test_dictionaries_are_found_in_the_checkpoints_folder_and_beside_the_checkpoint(tmp_path, monkeypatch):
+    sae = Dictionary(DictionaryConfig("topk", d_in=8, d_sae=16, hook_name=HOOK, k=2))
+    listed, beside = tmp_path / "listed", tmp_path / "elsewhere"
+    features.save(sae, listed / "sae-a"), features.save(sae, beside / "sae-b")
+    (beside / "model.gguf").write_bytes(b"")
+    monkeypatch.setenv(models.MODEL_DIR_ENV, str(listed))
+    monkeypatch.chdir(tmp_path)  # not the repository: nothing is looked up relative to the working directory
+    assert fx.found_dictionaries(None) == [str(listed / "sae-a")]
+    assert fx.found_dictionaries(str(beside / "model.gguf")) == [str(beside / "sae-b"), str(listed / "sae-a")]
