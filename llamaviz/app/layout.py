@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from llamaviz.app import attention, export, features_tab, handlers, views, workbench_tabs
+from llamaviz.app import attention, export, features_tab, graph_tab, handlers, views, workbench_tabs
 from llamaviz.app.compare import Workbench
 from llamaviz.app.models import list_checkpoints, peek_config
 from llamaviz.app.state import MAX_NEW_TOKENS, SESSION_TTL_S, BrowserState, release_state
@@ -94,10 +94,12 @@ def build(model_path: str | None = None) -> gr.Blocks:
             _intervene_tab(c)
             workbench_tabs.tabs(c)
             features_tab.tab(c, choices[0][1] if choices else None)
+            graph_tab.tab(c, choices[0][1] if choices else None)
             _export_tab(c)
         generation = _wire(demo, state, c)
         workbench_tabs.wire(state, bench, c, generation)
         features_tab.wire(state, c)
+        graph_tab.wire(state, c)
     demo.llamaviz_model_path = choices[0][1] if choices else None
     return demo
 

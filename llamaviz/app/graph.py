@@ -1,0 +1,215 @@
+"""What the Graph tab computes, from a run and a transcoder set: the attribution graph of the run's prompt
+(llamaviz.graphs.attribute), its pruning, QK attributions and interventions on its feature nodes.
+
+The graph is built once per (run, set) and kept in the page's GraphSession, so the pruning slider, pins
+and supernodes only re-read it. Every number shown comes from llamaviz.graphs: influence and kept edges
+from graphs.prune, edge weights from the graph's adjacency, QK terms from graphs.qk_attribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from llamaviz import features, graphs
+from llamaviz.graphs.replacement import ReplacementRun, _eager
+
+from llamaviz.app.state import Run
+
+MAX_TOKENS = 64  # prompt tokens a graph is built for in the app: its adjacency is a dense nodes x nodes matrix
+MAX_FEATURES = 4000  # active features past which the build is refused (memory: (features + ...)^2 floats)
+BATCH = 32  # prompt copies per backward pass
+TOP_TOKENS = 5
+PICK_SET = ("pick a transcoder set: a folder with circuit-tracer's config.yaml + layer_{i}.safetensors "
+            "(found under model/ or beside the checkpoint), or type its path")
+_SETS: dict[str, object] = {}
+
+
+def found_transcoder_sets(model_path: str | None) -> list[str]:
+    """Folders holding a transcoder set (config.yaml with model_kind: transcoder_set) under model/ and
+    beside the checkpoint, one or two levels down (model/dictionaries/transcoders)."""
+    roots = {Path("model")}
+    if model_path:
+        roots |= {Path(model_path).parent, Path(model_path).parent.parent}
+    configs = {cfg for root in roots if root.is_dir() for pattern in ("*/config.yaml", "*/*/config.yaml")
+               for cfg in root.glob(pattern)}
+    return sorted(str(cfg.parent) for cfg in configs if _is_transcoder_set(cfg))
+
+
+def _is_transcoder_set(config: Path) -> bool:
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("model_kind") == "transcoder_set"
+
+
+def transcoder_set(path: str):
+    """The transcoder set at `path`, loaded once per process."""
+    if not path or not str(path).strip():
+        raise ValueError(PICK_SET)
+    key = str(Path(path).resolve())
+    if key not in _SETS:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"no transcoder set at {path}: the folder does not exist; {PICK_SET}")
+        _SETS[key] = features.load_transcoder_set(path).eval()
+    return _SETS[key]
+
+
+def check_set(model, transcoders, path: str) -> None:
+    """ValueError unless the set has one transcoder per layer of the model's width."""
+    config = model.config
+    width = transcoders[0].W_dec.shape[1]
+    if len(transcoders) != config.num_hidden_layers or width != config.hidden_size:
+        raise ValueError(f"the transcoder set at {path} has {len(transcoders)} layers of width {width}; the model "
+                         f"has {config.num_hidden_layers} layers of width {config.hidden_size}: pick a set made "
+                         "for this model")
+
+
+@dataclass
+class Built:
+    """A graph built for one run's prompt with one set, and its prunings by node threshold."""
+
+    run_id: int
+    path: str
+    graph: graphs.Graph
+    tokens: list[str]  # the prompt's token pieces
+    prunings: dict = field(default_factory=dict)
+
+    def pruned(self, node_threshold: float) -> graphs.Pruned:
+        """graphs.prune at this node threshold (the edge threshold stays 0.98), kept per threshold."""
+        key = round(float(node_threshold), 4)
+        if not 0 < key <= 1:
+            raise ValueError(f"the node threshold must be in (0, 1]; got {node_threshold!r}")
+        if key not in self.prunings:
+            self.prunings[key] = graphs.prune(self.graph, node_threshold=key)
+        return self.prunings[key]
+
+
+class GraphSession:
+    """One page's graph, pinned nodes (adjacency indices) and supernodes {name: [indices]}."""
+
+    def __init__(self):
+        self.built: Built | None = None
+        self.pinned: list[int] = []
+        self.supernodes: dict[str, list[int]] = {}
+
+    def current(self, run: Run) -> Built:
+        if self.built is None:
+            raise ValueError("build the graph first: pick a transcoder set and press Build graph")
+        if self.built.run_id != run.run_id:
+            raise ValueError("the graph was built for an earlier run; press Build graph for this one")
+        return self.built
+
+    def __deepcopy__(self, memo) -> "GraphSession":
+        return GraphSession()  # gr.State copies its initial value per session: start fresh
+
+
+def prompt_ids(run: Run) -> torch.Tensor:
+    """[1, p] the run's prompt, checked against the app's budget."""
+    ids = run.ids[:, :run.prompt_length]
+    if ids.shape[1] > MAX_TOKENS:
+        raise ValueError(f"the prompt has {ids.shape[1]} tokens; the app builds graphs of at most {MAX_TOKENS} "
+                         "(the adjacency is dense): shorten the prompt, or use `llamaviz graph` for long ones")
+    if ids.shape[1] < 2:
+        raise ValueError("the prompt needs at least 2 tokens (position 0 carries no features)")
+    return ids
+
+
+def prepare(run: Run, path: str):
+    """(transcoders, ids, active feature count) after every check that needs no backward pass."""
+    transcoders = transcoder_set(path)
+    check_set(run.entry.model, transcoders, path)
+    ids = prompt_ids(run)
+    with run.entry.lock, torch.no_grad():
+        active = sum(int((acts[1:] > 0).sum()) for acts in ReplacementRun(run.entry.model, transcoders, ids).acts)
+    if active > MAX_FEATURES:
+        raise ValueError(f"{active} features are active on this prompt; the app builds graphs of at most "
+                         f"{MAX_FEATURES}: shorten the prompt or use a sparser transcoder set")
+    return transcoders, ids, active
+
+
+def build(run: Run, path: str) -> Built:
+    """The attribution graph of the run's prompt (graphs.attribute): minutes on a CPU for long prompts."""
+    transcoders, ids, _ = prepare(run, path)
+    with run.entry.lock:
+        graph = graphs.attribute(run.entry.model, transcoders, ids, batch=BATCH)
+    tokens = [run.entry.tokenizer.decode([int(i)]) for i in ids[0]]
+    return Built(run.run_id, path, graph, tokens)
+
+
+def qk(run: Run, built: Built, layer, head, query, key) -> dict:
+    """graphs.qk_attribution of one head at (query, key) on the built graph."""
+    model = run.entry.model
+    numbers = {}
+    for name, value in (("layer", layer), ("head", head), ("query", query), ("key", key)):
+        if value is None or isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError(f"the {name} must be a whole number; got {value!r}")
+        numbers[name] = int(float(value))
+    layers = model.config.num_hidden_layers
+    if not 0 <= numbers["layer"] < layers:
+        raise ValueError(f"layer {numbers['layer']} is out of range; accepted: 0..{layers - 1}")
+    with run.entry.lock:
+        return graphs.qk_attribution(model, transcoder_set(built.path), built.graph, **numbers)
+
+
+def _edited_mlp(layer: int, tc, error: torch.Tensor, edits: dict):
+    """hook_mlp_out of the replacement: the transcoder on the live input, some features edited, plus the error."""
+    def replace(out, hook, live: dict):
+        acts = tc.encode(live[layer])  # [1, p, d_tc]
+        for (position, index), factor in edits.get(layer, {}).items():
+            acts[:, position, index] = acts[:, position, index] * factor
+        value = acts @ tc.W_dec + tc.b_dec + error
+        return value + live[layer] @ tc.W_skip.T if hasattr(tc, "W_skip") else value
+
+    return replace
+
+
+def intervene(run: Run, built: Built, nodes: list[int], factor: float, freeze: bool = True) -> dict:
+    """Top next tokens after the prompt before and after multiplying the feature nodes' activations by
+    `factor` (0 zeroes them). The MLPs are the transcoders (features recomputed downstream) plus each
+    layer's error on the prompt, so with no edit the logits are the model's own; with `freeze` the
+    attention patterns and norm scales stay at their values on the prompt."""
+    graph, n_f = built.graph, len(built.graph.features)
+    chosen = [i for i in nodes if i < n_f]
+    if not chosen:
+        raise ValueError("pin at least one feature node to intervene on (errors, tokens and logits cannot be set)")
+    edits: dict[int, dict] = {}
+    for index in chosen:
+        layer, position, feature = graph.features[index].tolist()
+        edits.setdefault(layer, {})[(position, feature)] = float(factor)
+    model, transcoders = run.entry.model, transcoder_set(built.path)
+    with run.entry.lock, torch.no_grad():
+        pieces = ReplacementRun(model, transcoders, graph.ids)
+        live: dict[int, torch.Tensor] = {}
+        hooks = [(name, lambda x, hook, v=value: v.expand_as(x)) for name, value in pieces.frozen.items()
+                 if freeze and name != "hook_embed"]
+        for layer, tc in enumerate(transcoders):
+            hooks.append((f"blocks.{layer}.mlp.hook_in", lambda x, hook, layer=layer: live.__setitem__(layer, x) or x))
+            replace = _edited_mlp(layer, tc, pieces.error[layer], edits)
+            hooks.append((f"blocks.{layer}.hook_mlp_out", lambda out, hook, r=replace: r(out, hook, live)))
+        with _eager(model), model.hooks(fwd_hooks=hooks):
+            after = model(graph.ids, return_type="logits")[0, -1]
+        before = pieces.logits[0, -1]
+    return {"before": top_tokens(run, before), "after": top_tokens(run, after), "nodes": chosen,
+            "factor": float(factor), "frozen": bool(freeze)}
+
+
+def checked_factor(value) -> float:
+    """A finite multiple of the activation; ValueError otherwise (an empty box sends None)."""
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"the factor must be a number (x the activation), e.g. 2 or -1; got {value!r}") from None
+    if factor != factor or abs(factor) == float("inf"):
+        raise ValueError(f"the factor must be a finite number; got {value!r}")
+    return factor
+
+
+def top_tokens(run: Run, logits: torch.Tensor) -> list[tuple[str, float]]:
+    probs = logits.float().softmax(-1)
+    values, ids = probs.topk(TOP_TOKENS)
+    return [(run.entry.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
