@@ -27,6 +27,9 @@ def main(work: Path) -> None:
             acts = sae.encode(x)
             out[f"{folder.name}.acts"], out[f"{folder.name}.recons"] = acts, sae(x)  # forward: skip paths too
         sae.save_model(str(work / "saes_resaved" / folder.name))
+        meta = sae.cfg.metadata  # what SAELens read from our cfg.json, as SAELens spells it
+        out[f"{folder.name}.metadata"] = torch.tensor([ord(c) for c in "|".join(
+            str(meta.get(key)) for key in ("hook_name", "model_name", "context_size", "prepend_bos"))])
     from circuit_tracer.utils.hf_utils import load_transcoders
 
     config = yaml.safe_load((work / "set" / "config.yaml").read_text())

@@ -117,7 +117,7 @@ def test_bad_folders_get_clear_errors(tmp_path):
         features.load(folder)
     (folder / "cfg.json").write_text(json.dumps(config))
     (folder / "sae_weights.safetensors").write_bytes((folder / "sae_weights.safetensors").read_bytes()[:100])
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors is truncated: its safetensors header length says"):
         features.load(folder)
     with pytest.raises(ValueError, match="needs k in 1..d_sae"):
         random_dictionary("topk", k=0)
@@ -266,3 +266,101 @@ def test_nan_weights_are_refused(tmp_path):
     save_file(weights, str(folder / "sae_weights.safetensors"))
     with pytest.raises(ValueError, match="b_enc holds NaN or infinite values"):
         features.load(folder)
+
+
+@pytest.fixture(scope="module")
+def narrow_heads():
+    """Heads whose h * d_head (4 x 24 = 96) is not the residual width (64); kv heads are 24 wide."""
+    _, ours = hf_and_ours("mqa_head_dim")
+    return ours.eval()
+
+
+def test_hook_widths_from_the_config_are_the_tensors_widths(narrow_heads):
+    from llamaviz.features.attach import hook_width
+
+    _, cache = narrow_heads.run_with_cache(torch.randint(3, 113, (2, 5)))
+    for name, tensor in cache.items():
+        if name.endswith(("hook_pattern", "hook_attn_scores")):
+            with pytest.raises(ValueError, match="attention over key positions"):
+                hook_width(narrow_heads, name)
+        else:
+            assert hook_width(narrow_heads, name) * 10 == tensor.numel(), name
+
+
+def hook_table(model) -> dict:
+    return {name: (point, list(point.fwd_fns)) for name, point in model.hook_points().items()}
+
+
+@pytest.mark.parametrize("hook, d_in, cfg, error, message", [
+    ("blocks.1.mlp.hook_post", M, {}, ValueError, r"d_in is 64 but blocks.1.mlp.hook_post holds 96 features per position"),
+    ("blocks.1.attn.hook_z", M, {"reshape_activations": "hook_z"}, ValueError,
+     r"d_in is 64 but blocks.1.attn.hook_z holds 96 features per position \(4 heads x 24\)"),
+    ("blocks.1.attn.hook_k", 96, {"reshape_activations": "hook_z"}, ValueError,
+     r"blocks.1.attn.hook_k holds 24 features per position \(1 heads x 24\)"),
+    ("blocks.1.attn.hook_z", 96, {}, ValueError, r"reshape_activations must be hook_z, got 'none'"),
+    ("blocks.1.hook_resid_post", M, {"reshape_activations": "hook_z"}, ValueError, r"must be none, got 'hook_z'"),
+    ("blocks.1.attn.hook_pattern", M, {}, ValueError, r"attention over key positions"),
+    ("blocks.1.hook_resid_psot", M, {}, KeyError, r"unknown hook point 'blocks.1.hook_resid_psot'; closest: "
+                                                  r"blocks.1.hook_resid_post"),
+    ("blocks.1.mlp.hook_in", M, {"hook_name_out": "blocks.1.hook_mlp_outt", "d_out": M}, KeyError,
+     r"closest: blocks.1.hook_mlp_out"),
+    ("blocks.1.mlp.hook_in", M, {"hook_name_out": "blocks.1.mlp.hook_post", "d_out": M}, ValueError,
+     r"d_out is 64 but blocks.1.mlp.hook_post holds 96"),
+])
+def test_a_dictionary_that_does_not_fit_its_hook_attaches_nothing(narrow_heads, hook, d_in, cfg, error, message):
+    from llamaviz import HookedSAETransformer
+
+    architecture = "transcoder" if "hook_name_out" in cfg else "standard"
+    torch.manual_seed(0)
+    bad = Dictionary(DictionaryConfig(architecture=architecture, d_in=d_in, d_sae=S, hook_name=hook, **cfg))
+    good = random_dictionary("standard")
+    before = hook_table(narrow_heads)
+    with pytest.raises(error, match=message):
+        with features.attached(narrow_heads, good, bad):  # the good one first: it must come off again
+            pass
+    assert hook_table(narrow_heads) == before
+    face = HookedSAETransformer(narrow_heads)
+    face.add_sae(good)
+    with pytest.raises(error, match=message):
+        face.add_sae(bad)
+    assert list(face.acts_to_saes) == [good.cfg.hook_name]
+    face.reset_saes()
+    assert hook_table(narrow_heads) == before
+
+
+def test_a_hook_z_dictionary_reads_the_heads_flattened(narrow_heads):
+    torch.manual_seed(3)
+    sae = Dictionary(DictionaryConfig("topk", d_in=96, d_sae=S, hook_name="blocks.1.attn.hook_z", k=6,
+                                      reshape_activations="hook_z"))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.2)
+    flat = Dictionary(DictionaryConfig("topk", d_in=96, d_sae=S, hook_name="blocks.1.attn.hook_z", k=6))
+    flat.load_state_dict(sae.state_dict())  # the same SAE on [..., h * d] inputs
+    ids = torch.randint(3, 113, (2, 5))
+    with torch.no_grad():
+        def by_hand(z, hook):  # [b, p, h, d] -> [b, p, h * d] -> SAE -> back
+            return flat(z.flatten(-2)).unflatten(-1, (4, 24))
+
+        expected = narrow_heads.run_with_hooks(ids, return_type="logits", fwd_hooks=[("blocks.1.attn.hook_z", by_hand)])
+        with features.attached(narrow_heads, sae):
+            logits, cache = narrow_heads.run_with_cache(ids)
+    assert_close(logits, expected)
+    assert cache["blocks.1.attn.hook_z.hook_sae_acts_post"].shape == (2, 5, S)
+
+
+def test_metadata_reads_as_saelens_spells_it(tmp_path):
+    d = random_dictionary("standard")
+    d.cfg.metadata |= {"model_name": "tiny", "context_size": 128, "prepend_bos": True}
+    loaded = features.load(features.save(d, tmp_path / "sae"))
+    meta = loaded.cfg.metadata
+    assert (meta.hook_name, meta.model_name, meta.context_size, meta.prepend_bos) == (
+        "blocks.1.hook_resid_post", "tiny", 128, True)
+    assert meta["hook_name"] == loaded.cfg.hook_name and meta.sae_lens_training_version is None  # missing: None
+    meta.hook_name = "blocks.2.hook_resid_post"  # one field, two spellings
+    assert loaded.cfg.hook_name == "blocks.2.hook_resid_post"
+    config = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    del config["metadata"]["hook_name"]  # what SAELens's save_model writes
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config))
+    again = features.load(tmp_path / "sae")
+    assert again.cfg.hook_name == "" and again.cfg.metadata.hook_name == "" and again.cfg.metadata.model_name == "tiny"

@@ -229,3 +229,124 @@ def test_an_oversized_view_file_is_refused_before_reading(tmp_path):
         handle.truncate(17 * 2**20)
     with pytest.raises(ValueError, match="a view file has at most"):
         read_view(path)
+
+
+# ---------------------------------------------------------------- dictionaries (SAELens folders, transcoder sets)
+
+
+def saved_dictionary(folder: Path, architecture: str = "standard", hook: str = "blocks.1.hook_resid_post",
+                     d_in: int = 64, **cfg) -> Path:
+    from llamaviz import features
+    from llamaviz.features.dictionary import Dictionary, DictionaryConfig
+
+    torch.manual_seed(0)
+    dictionary = Dictionary(DictionaryConfig(architecture, d_in=d_in, d_sae=32, hook_name=hook, **cfg))
+    with torch.no_grad():
+        for p in dictionary.parameters():
+            p.normal_(0, 0.1)
+    return features.save(dictionary, folder)
+
+
+def header_bytes(header: dict, data: int) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + bytes(data)
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("truncated header", lambda raw: raw[:50], r"sae_weights.safetensors is truncated: its safetensors header length "
+                                               r"says \d+ bytes but only 42 follow"),
+    ("shorter than 8 bytes", lambda raw: raw[:5], r"sae_weights.safetensors is truncated: 5 bytes"),
+    ("oversized header", lambda raw: struct.pack("<Q", 2**40) + raw[8:],
+     r"sae_weights.safetensors: the safetensors header length says 1,099,511,627,776 bytes; accepted: at most"),
+    ("data past the end", lambda raw: header_bytes({"W_enc": {"dtype": "F32", "shape": [2**30, 2**20],
+                                                              "data_offsets": [0, 2**52]}}, 16),
+     r"sae_weights.safetensors is truncated or corrupt: tensor 'W_enc' claims bytes 0..4,503,599,627,370,496"),
+    ("header not JSON", lambda raw: struct.pack("<Q", 4) + b"{{{{", r"sae_weights.safetensors: the safetensors "
+                                                                    r"header is not JSON"),
+])
+def test_bad_safetensors_headers_name_the_file(tmp_path, name, damage, message):
+    from llamaviz import features
+
+    folder = saved_dictionary(tmp_path / "sae")
+    weights = folder / "sae_weights.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ValueError, match=message):
+        features.load(folder)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"architecture": "standard",\n "d_in": 64,\n "d_sae": 32,,\n}', r"cfg.json is not valid JSON: line 3, column 14"),
+    ("[" * 100_000, r"cfg.json is not valid JSON"),
+    ("[1, 2]", r"cfg.json must hold a JSON object, got list"),
+    ('{"d_in": "64", "d_sae": 32}', r"cfg.json: d_in must be a positive integer, got '64'"),
+    ('{"d_in": 64, "d_sae": true}', r"cfg.json: d_sae must be a positive integer, got True"),
+    ('{"d_in": 64, "d_sae": 32, "apply_b_dec_to_input": "yes"}', r"cfg.json: apply_b_dec_to_input must be true or false"),
+    ('{"d_in": 64, "d_sae": 32, "reshape_activations": "hook_q"}', r"cfg.json: reshape_activations 'hook_q' is not "
+                                                                   r"supported; accepted: none, hook_z"),
+    ('{"d_in": 64, "d_sae": 32, "normalize_activations": "expected_average_only_in"}',
+     r"cfg.json: normalize_activations 'expected_average_only_in' is not supported; accepted: none"),
+    ('{"d_in": 64, "d_sae": 32, "metadata": [1]}', r"cfg.json: metadata must be a JSON object, got list"),
+    ('{"d_in": 64, "d_sae": 32, "metadata": {"hook_name": 5}}', r"cfg.json: metadata.hook_name must be a string"),
+    ('{"d_in": 64, "d_sae": 32, "metadata": {"context_size": -1}}', r"cfg.json: metadata.context_size must be a "
+                                                                    r"positive integer or null"),
+    ('{"d_in": 64, "d_sae": 32, "architecture": "matryoshka"}', r"cfg.json: architecture 'matryoshka' is not supported"),
+])
+def test_bad_cfg_json_names_the_file_and_the_field(tmp_path, text, message):
+    from llamaviz import features
+
+    folder = saved_dictionary(tmp_path / "sae")
+    (folder / "cfg.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(folder) + "/") + message):  # the file, then the field
+        features.load(folder)
+
+
+def test_symlinks_out_of_the_folder_are_refused_naming_link_and_target(tmp_path, monkeypatch):
+    from llamaviz import features
+
+    outside = saved_dictionary(tmp_path / "elsewhere")
+    for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors"):
+        folder = saved_dictionary(tmp_path / f"linked-{name}")
+        (folder / name).unlink(missing_ok=True)
+        (outside / "sparsity.safetensors").write_bytes(b"")
+        (folder / name).symlink_to(outside / name)
+        call = features.load if name != "sparsity.safetensors" else features.saelens_files.load_sparsity
+        with pytest.raises(ValueError, match=rf"{folder / name} is a symlink to {outside / name}, outside the "
+                                             rf"dictionary folder {folder}; accepted: files inside the folder"):
+            call(folder)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "sae-resid-1").symlink_to(outside)
+    monkeypatch.setenv("LLAMAVIZ_MODEL_DIR", str(models))
+    with pytest.raises(ValueError, match=rf"{models / 'sae-resid-1'} is a symlink to {outside}, which leads out of "
+                                         rf"the models folder {models}"):
+        features.load(models / "sae-resid-1")
+    inside_link = models / "sae-copy"
+    saved_dictionary(models / "sae-real")
+    inside_link.symlink_to(models / "sae-real")  # a link that stays inside the models folder is fine
+    assert features.load(inside_link).cfg.d_sae == 32
+
+
+def test_transcoder_set_files_outside_the_folder_are_refused(tmp_path):
+    import yaml
+
+    from llamaviz import features
+    from test_features import random_set
+
+    folder = features.save_transcoder_set(random_set(layers=2), tmp_path / "set")
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    stray = features.save_transcoder_set(random_set(layers=1), tmp_path / "stray") / "layer_0.safetensors"
+    (folder / "config.yaml").write_text(yaml.safe_dump(config | {"transcoders": [str(stray), str(tmp_path / "x.bin")]}))
+    with pytest.raises(ValueError, match=rf"config.yaml: the layer file {tmp_path / 'x.bin'} lies outside the set's "
+                                         rf"folder {folder} and the folder has no x.bin"):
+        features.load_transcoder_set(folder)  # layer_0 is taken from the folder itself, x.bin is nowhere inside
+    (folder / "config.yaml").write_text(yaml.safe_dump(config | {"transcoders": ["../stray/layer_0.safetensors"]}))
+    with pytest.raises(ValueError, match=r"outside the dictionary folder"):
+        features.load_transcoder_set(folder)
+    (folder / "layer_1.safetensors").unlink()
+    (folder / "layer_1.safetensors").symlink_to(stray)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=rf"{folder / 'layer_1.safetensors'} is a symlink to {stray}"):
+        features.load_transcoder_set(folder)
+    (folder / "config.yaml").write_text("model_kind: transcoder_set\ntranscoders: [a,\n  b: c\n")
+    with pytest.raises(ValueError, match=r"config.yaml is not valid YAML: line 4, column 1: expected "):
+        features.load_transcoder_set(folder)

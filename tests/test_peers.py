@@ -53,11 +53,22 @@ def test_saelens_reads_our_folders_and_computes_the_same_numbers(peers):
             assert_close(theirs[f"{name}.recons"], dictionary.decode(acts, x), atol=1e-6, rtol=1e-6, msg=name)
 
 
+def test_saelens_reads_our_metadata(peers):
+    _, _, ours, _, theirs = peers
+    for name, dictionary in ours.items():
+        meta = dictionary.cfg.metadata
+        expected = "|".join(str(v) for v in (meta.hook_name, meta.model_name, meta.context_size, meta.prepend_bos))
+        assert "".join(map(chr, theirs[f"{name}.metadata"].tolist())) == expected, name
+
+
 def test_what_saelens_writes_loads_here_with_the_same_numbers(peers):
     work, x, ours, _, _ = peers
     for name, dictionary in ours.items():
         loaded = features.load(work / "saes_resaved" / name)
         assert loaded.cfg.architecture == dictionary.cfg.architecture and loaded.cfg.d_sae == dictionary.cfg.d_sae
+        assert (loaded.cfg.metadata.hook_name, loaded.cfg.metadata.model_name, loaded.cfg.metadata.context_size) == (
+            dictionary.cfg.hook_name, "tiny", 128), name  # metadata survives SAELens's load and save
+        assert loaded.cfg.hook_name_out == dictionary.cfg.hook_name_out, name
         with torch.no_grad():
             assert_close(loaded(x), dictionary(x), atol=1e-6, rtol=1e-6, msg=name)
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 
 from llamaviz.features.dictionary import Dictionary
+from llamaviz.llama.hook_points import activation_numel, is_pattern_shaped
 
 
 @contextlib.contextmanager
@@ -41,17 +42,58 @@ def attached(model, *dictionaries: Dictionary, use_error_term: bool = False) -> 
         model._hook_dict.update(saved)
 
 
+HEADED = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_q_normalized",
+          "hook_k_normalized", "hook_result")  # [b, p, heads, d]: read as [b, p, heads * d] (reshape "hook_z")
+
+
+def hook_width(model, name: str) -> int:
+    """Features per position of hook point `name` ([b, p, width], or [b, p, h, d] as h * d), from the config.
+
+    ValueError for the attention pattern and scores ([b, h, q, k]: their width grows with the prompt).
+    """
+    if is_pattern_shaped(name):
+        raise ValueError(f"{name} holds attention over key positions [batch, head, query, key]; no dictionary reads "
+                         "it (accepted: hooks shaped [batch, pos, features] or [batch, pos, head, d_head])")
+    return activation_numel(name, model.config, 1, 1, 1)
+
+
 def _check(model, names: dict, dictionary: Dictionary) -> None:
+    """ValueError (KeyError for an unknown hook) before anything is attached: the hooks exist, are whole
+    on this rank, and their widths are the dictionary's d_in (and d_out for a transcoder's output)."""
     cfg = dictionary.cfg
     if not cfg.hook_name:
         raise ValueError("the dictionary names no hook point (its cfg.json has no metadata.hook_name); "
                          "set dictionary.cfg.hook_name, e.g. 'blocks.3.hook_resid_post'")
-    for hook in (cfg.hook_name, cfg.hook_name_out) if cfg.is_transcoder else (cfg.hook_name,):
+    reads = [(cfg.hook_name, cfg.d_in, "d_in")]
+    if cfg.is_transcoder:
+        if not cfg.hook_name_out:
+            raise ValueError(f"the transcoder reading {cfg.hook_name} names no output hook (metadata.hook_name_out); "
+                             "set dictionary.cfg.hook_name_out, e.g. 'blocks.3.hook_mlp_out'")
+        reads.append((cfg.hook_name_out, cfg.d_out or cfg.d_in, "d_out"))
+    for hook, width, field in reads:
         if hook not in names:
             model._check_name(hook)  # KeyError naming the closest hook points
-    width = model.config.hidden_size
-    if cfg.d_in != width and not cfg.hook_name.endswith(("hook_post", "hook_pre", "hook_pre_linear")):
-        raise ValueError(f"the dictionary reads {cfg.d_in} features but {cfg.hook_name} holds {width}")
+        if getattr(names[hook], "shard", None) is not None:
+            raise ValueError(f"{hook} holds only this rank's {names[hook].shard.unit} under tensor parallelism; "
+                             "attach dictionaries to hooks that are whole on every rank (the residual stream, "
+                             "hook_attn_out, hook_mlp_out, mlp.hook_in)")
+        expected = hook_width(model, hook)
+        if width != expected:
+            raise ValueError(f"the dictionary's {field} is {width} but {hook} holds {expected} features per position"
+                             f"{_shape_note(model, hook)}; accepted: a dictionary trained on that hook ({field}={expected})")
+        headed = hook.rsplit(".", 1)[-1] in HEADED
+        if field == "d_in" and headed != (cfg.reshape_activations == "hook_z"):
+            raise ValueError(f"{hook} is {'[batch, pos, head, d_head]' if headed else '[batch, pos, features]'}: "
+                             f"the dictionary's reshape_activations must be {'hook_z' if headed else 'none'}, "
+                             f"got {cfg.reshape_activations!r}")
+
+
+def _shape_note(model, hook: str) -> str:
+    if hook.rsplit(".", 1)[-1] not in HEADED:
+        return ""
+    kv = hook.rsplit(".", 1)[-1] in ("hook_k", "hook_v", "hook_rot_k", "hook_k_normalized")
+    heads = model.config.num_key_value_heads if kv else model.config.num_attention_heads
+    return f" ({heads} heads x {activation_numel(hook, model.config, 1, 1, 1) // heads})"
 
 
 def _splices(dictionary: Dictionary, use_error_term: bool):

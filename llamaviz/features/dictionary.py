@@ -24,8 +24,73 @@ from torch import nn
 from llamaviz.llama.hook_points import HookPoint
 
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
+RESHAPES = ("none", "hook_z")  # hook_z: [..., h, d] read as [..., h * d] and written back
 SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
              "hook_sae_output")
+
+
+class Metadata(dict):
+    """cfg.metadata: a dict that also reads as attributes, as SAELens's SAEMetadata (a missing key reads None).
+
+    hook_name and hook_name_out are the config's own fields seen from here: metadata.hook_name is
+    cfg.hook_name, for reading and for setting, so the two spellings never disagree.
+    """
+
+    LINKED = ("hook_name", "hook_name_out")
+
+    def __init__(self, values=(), owner: DictionaryConfig | None = None):
+        values = dict(values)
+        object.__setattr__(self, "_owner", owner)
+        linked = {key: values.pop(key) for key in self.LINKED if key in values}
+        super().__init__(values)
+        for key, value in linked.items():
+            if value:
+                self[key] = value
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self[name] if name in self.LINKED else self.get(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
+
+    def __getitem__(self, key):
+        if key in self.LINKED and self._owner is not None:
+            return getattr(self._owner, key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value) -> None:
+        if key in self.LINKED and self._owner is not None:
+            object.__setattr__(self._owner, key, value)
+        else:
+            super().__setitem__(key, value)
+
+    def __contains__(self, key) -> bool:
+        if key in self.LINKED and self._owner is not None:
+            return bool(getattr(self._owner, key))
+        return super().__contains__(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def update(self, *args, **kwargs) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def to_dict(self) -> dict:
+        """Every key, hook_name included (SAELens's metadata.to_dict)."""
+        linked = {key: self[key] for key in self.LINKED if key in self}
+        return linked | dict(self.items())
 
 
 @dataclass
@@ -40,7 +105,13 @@ class DictionaryConfig:
     rescale_acts_by_decoder_norm: bool = False  # topk: choose by pre * |W_dec row|
     apply_b_dec_to_input: bool = True
     normalize_activations: str = "none"
+    reshape_activations: str = "none"  # "hook_z": the heads of attn.hook_z flattened, d_in = h * d_head
     metadata: dict = field(default_factory=dict)  # model_name, context_size, prepend_bos, evaluation, ...
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "metadata":  # always a Metadata tied to this config (metadata.hook_name is cfg.hook_name)
+            value = Metadata(value, self)
+        super().__setattr__(name, value)
 
     @property
     def is_transcoder(self) -> bool:
@@ -74,6 +145,9 @@ class Dictionary(nn.Module):
         if cfg.normalize_activations not in NORMALIZATIONS:
             raise ValueError(f"normalize_activations {cfg.normalize_activations!r} is not supported; accepted: "
                              f"{', '.join(NORMALIZATIONS)} (fold a training-time scale into the weights)")
+        if cfg.reshape_activations not in RESHAPES:
+            raise ValueError(f"reshape_activations {cfg.reshape_activations!r} is not supported; accepted: "
+                             f"{', '.join(RESHAPES)}")
         if cfg.architecture == "topk" and (not isinstance(cfg.k, int) or not 0 < cfg.k <= cfg.d_sae):
             raise ValueError(f"a topk dictionary needs k in 1..d_sae={cfg.d_sae}; got {cfg.k!r}")
         self.cfg = cfg
@@ -92,6 +166,7 @@ class Dictionary(nn.Module):
         for name in SAE_HOOKS:
             setattr(self, name, HookPoint())
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None  # (shift, factor): output = out * factor + shift
+        self._d_head: int | None = None  # hook_z: the head width the input had, to shape the output back
 
     def hook_points(self) -> dict[str, HookPoint]:
         """{"{hook_name}.hook_sae_acts_post": point, ...}: SAELens's names under the hook it reads."""
@@ -102,6 +177,9 @@ class Dictionary(nn.Module):
 
     def normalized_input(self, x: torch.Tensor) -> torch.Tensor:
         """x after normalize_activations and the b_dec shift: what the encoder multiplies [..., d_in]."""
+        if self.cfg.reshape_activations == "hook_z":  # [..., h, d] -> [..., h * d]
+            self._d_head = x.shape[-1]
+            x = x.flatten(-2)
         x = self.hook_sae_input(x.to(self.W_enc.dtype))
         kind = self.cfg.normalize_activations
         if kind == "constant_norm_rescale":
@@ -139,6 +217,8 @@ class Dictionary(nn.Module):
             if x is None:
                 raise ValueError("a skip transcoder decodes with its input: decode(acts, x)")
             out = out + x.to(self.W_skip.dtype) @ self.W_skip.T
+        if self.cfg.reshape_activations == "hook_z" and self._d_head is not None:  # back to [..., h, d]
+            out = out.unflatten(-1, (-1, self._d_head))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,15 +9,17 @@ circuit-tracer encodes x @ W_enc.T + b_enc with no b_dec shift; so do these tran
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from llamaviz.features.dictionary import Dictionary, DictionaryConfig
+from llamaviz.features.file_checks import check_folder, inside, read_text
+from llamaviz.features.saelens_files import read_weights
 
 INPUT_HOOK, OUTPUT_HOOK = "mlp.hook_in", "hook_mlp_out"
 
@@ -88,31 +90,54 @@ def save_transcoder_set(transcoders: TranscoderSet, folder) -> Path:
 
 
 def load_transcoder_set(folder, device=None) -> TranscoderSet:
-    """A set from circuit-tracer's layout (safe YAML, safetensors only); shapes checked layer by layer."""
+    """A set from circuit-tracer's layout (safe YAML, safetensors only); shapes checked layer by layer.
+
+    Layer files are read only from inside the folder: a path in config.yaml that points elsewhere (circuit-
+    tracer writes absolute paths) is taken as the file of that name in the folder, refused if there is none.
+    """
     folder = Path(folder)
+    check_folder(folder)
+    path = inside(folder, "config.yaml")
     try:
-        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+        config = yaml.safe_load(read_text(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder} is not a transcoder set: config.yaml is missing "
                                 "(accepted: circuit-tracer's config.yaml + layer_{i}.safetensors)") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{folder / 'config.yaml'} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"{path} is not valid YAML: {where}{getattr(err, 'problem', None) or err}") from None
     if not isinstance(config, dict) or config.get("model_kind") != "transcoder_set":
-        raise ValueError(f"{folder / 'config.yaml'}: model_kind must be transcoder_set")
+        raise ValueError(f"{path}: model_kind must be transcoder_set")
     files = config.get("transcoders") or sorted(folder.glob("layer_*.safetensors"),
                                                  key=lambda p: int(p.stem.split("_")[1]))
-    layers = [_read_layer(layer, folder / Path(path).name if not Path(path).is_file() else Path(path))
-              for layer, path in enumerate(files)]
-    return TranscoderSet(layers, config.get("model_name", ""), config.get("feature_input_hook", INPUT_HOOK),
-                         config.get("feature_output_hook", OUTPUT_HOOK)).to(device)
+    if not isinstance(files, list) or not all(isinstance(f, (str, Path)) for f in files):
+        raise ValueError(f"{path}: transcoders must be a list of layer file paths, got {files!r}")
+    for key in ("feature_input_hook", "feature_output_hook", "model_name"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise ValueError(f"{path}: {key} must be a string, got {config[key]!r}")
+    layers = [_read_layer(layer, _layer_file(folder, path, Path(name))) for layer, name in enumerate(files)]
+    return TranscoderSet(layers, config.get("model_name", "") or "", config.get("feature_input_hook") or INPUT_HOOK,
+                         config.get("feature_output_hook") or OUTPUT_HOOK).to(device)
+
+
+def _layer_file(folder: Path, config: Path, named: Path) -> Path:
+    """The layer file `named` in config.yaml, as a file inside `folder` (its own name there if it points out)."""
+    if not named.is_absolute():
+        return inside(folder, named)  # refuses a symlink or ../ that leads out
+    if named.resolve().is_relative_to(folder.resolve()):
+        return named.resolve()
+    if os.path.lexists(folder / named.name):
+        return inside(folder, named.name)
+    raise ValueError(f"{config}: the layer file {named} lies outside the set's folder {folder} and the folder "
+                     f"has no {named.name}; accepted: layer files inside the folder")
 
 
 def _read_layer(layer: int, path: Path) -> Dictionary:
     try:
-        weights = load_file(str(path))
-    except (FileNotFoundError, SafetensorError, OSError) as err:
-        raise ValueError(f"layer {layer} of the transcoder set: {path} is not a readable safetensors file ({err})") \
-            from None
+        weights = read_weights(path)
+    except FileNotFoundError as err:
+        raise ValueError(f"layer {layer} of the transcoder set: {err}") from None
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if name not in weights:
             raise ValueError(f"{path} lacks {name} (a transcoder file has W_enc, W_dec, b_enc, b_dec)")
@@ -127,5 +152,11 @@ def _read_layer(layer: int, path: Path) -> Dictionary:
         state["W_skip"] = weights["W_skip"]
     if "activation_function.threshold" in weights:
         state["threshold"] = weights["activation_function.threshold"]
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(getattr(tc, name).shape):
+            raise ValueError(f"{path}: {name} has shape {list(tensor.shape)}; W_enc [{d_tc}, {d_model}] needs "
+                             f"{list(getattr(tc, name).shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: {name} holds NaN or infinite values")
     tc.load_state_dict(state)
     return tc.to(weights["W_enc"].dtype)
