@@ -89,17 +89,19 @@ def cells(graph, shown: list[int]) -> dict[tuple[int, int], list[int]]:
     return found
 
 
-def column_width(found: dict) -> float:
-    """One position's column: wide enough for its most crowded cell."""
-    return max(COLUMN, NODE_GAP * (1 + max((len(m) for m in found.values()), default=1)))
+def column_width(graph, found: dict) -> float:
+    """One position's column: wide enough for its most crowded cell (the logits' row spreads on its own)."""
+    crowded = [len(members) for (row, _), members in found.items() if row <= graph.layers]
+    return max(COLUMN, NODE_GAP * (1 + max(crowded, default=1)))
 
 
 def coordinates(graph, found: dict, cell: float) -> dict[int, tuple[float, float]]:
-    """{node: (x, y)} in the drawing's pixels; a cell's nodes side by side around its centre."""
+    """{node: (x, y)} in the drawing's pixels; a cell's nodes side by side around its centre, the logits
+    leftwards from the last position in order of probability."""
     points = {}
     for (row, position), members in found.items():
         for slot, index in enumerate(members):
-            offset = (slot - (len(members) - 1) / 2) * NODE_GAP
+            offset = -slot * 1.5 * NODE_GAP if row > graph.layers else (slot - (len(members) - 1) / 2) * NODE_GAP
             points[index] = (MARGIN + position * cell + cell / 2 + offset, MARGIN / 2 + (graph.layers + 1 - row) * ROW)
     return points
 
@@ -163,7 +165,7 @@ def svg(run, built: Built, pruned, pinned: list[int]) -> str:
     graph = built.graph
     shown = shown_nodes(built, pruned)
     found = cells(graph, shown)
-    cell = column_width(found)
+    cell = column_width(graph, found)
     points, texts = coordinates(graph, found, cell), summaries(run, built, shown, pruned)
     width = MARGIN + graph.positions * cell + 20
     height = MARGIN + (graph.layers + 1) * ROW + 40
@@ -179,7 +181,7 @@ def svg(run, built: Built, pruned, pinned: list[int]) -> str:
         parts.append(f'<g class="lv-graph-node" data-node="{node_id(graph, index)}" style="cursor:pointer">'
                      f"<title>{html.escape(texts[index])}</title>{shape}fill=\"{KIND_COLOUR[kind(graph, index)]}\" "
                      f"{outline}/></g>")
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="lv-graph" width="{width:.0f}" height="{height:.0f}" '
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="lv-graph" width="100%" '
             f'viewBox="0 0 {width:.0f} {height:.0f}" font-size="10" font-family="sans-serif">{"".join(parts)}</svg>')
 
 

@@ -34,7 +34,7 @@ def tab(c: dict, model_path: str | None) -> None:
         c["graph_prune"] = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Node threshold (share of influence kept)",
                                      elem_id="graph-prune")
         c["graph_caption"] = gr.HTML(elem_id="graph-caption")
-        c["graph_plot"] = gr.HTML(elem_id="graph-plot", js_on_load=RELAY_CLICK, max_height=720)
+        c["graph_plot"] = gr.HTML(elem_id="graph-plot", js_on_load=RELAY_CLICK)
         with gr.Row():
             c["graph_node"] = gr.Dropdown([], label="Node (click one above, or pick / type its id)",
                                           allow_custom_value=True, elem_id="graph-node", scale=3)
@@ -242,7 +242,7 @@ def wire(state, c: dict) -> None:
 
     c["graph_build"].click(build, [state, session, c["graph_set"], c["graph_prune"]],
                            [c[k] for k in SHOWN])
-    click(c["graph_prune"].release, reprune, ["graph_prune"], SHOWN)
+    click(c["graph_prune"].input, reprune, ["graph_prune"], SHOWN, trigger_mode="always_last")
     pinned = [*SHOWN, "graph_qk_layer", "graph_qk_query", "graph_qk_key"]
     click(c["graph_pin"].click, pin, ["graph_node", "graph_prune"], pinned)
     click(c["graph_plot"].click, clicked, ["graph_prune"], pinned)

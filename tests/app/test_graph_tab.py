@@ -4,6 +4,7 @@ library's own graph (graphs.attribute, prune, qk_attribution) and an interventio
 from __future__ import annotations
 
 import re
+from html import escape as html_escape
 
 import gradio as gr
 import pytest
@@ -182,3 +183,28 @@ def test_bad_input_shows_a_message_and_the_tab_keeps_working(setup, tmp_path, mo
     assert "node threshold must be" in graph_tab.reprune(state, session, 0)["status"]
     assert "the layer must be a whole number" in graph_tab.qk_view(state, session, None, 0, 3, 1)["status"]
     assert not is_error(graph_tab.reprune(state, session, 0.6)["status"])  # still serving
+
+
+def test_a_feature_nodes_hover_reads_its_dashboard_when_the_set_has_one(setup, tmp_path):
+    import shutil
+
+    from llamaviz.features import dashboards
+
+    model, folder, ids, graph, _ = setup
+    copy = shutil.copytree(folder, tmp_path / "with-dashboards")
+    layer = int(graph.features[0, 0])
+    windows = torch.randint(3, 113, (9, 8), generator=torch.Generator().manual_seed(5))
+    (copy / f"layer_{layer}").mkdir()
+    dashboards.build(model, features.load_transcoder_set(copy)[layer], windows, copy / f"layer_{layer}")
+    board = dashboards.DashboardFile(copy / f"layer_{layer}")
+    state, session = new_state(model, ids), gx.GraphSession()
+    shown = dict(zip(graph_tab.SHOWN, list(graph_tab.build(state, session, str(copy), 1.0))[-1]))
+    for l, p, i in graph.features.tolist():
+        if l == layer and f'data-node="{l}_{i}_{p}"' in shown["graph_plot"]:
+            title = re.search(rf'data-node="{l}_{i}_{p}"[^>]*><title>([^<]+)', shown["graph_plot"]).group(1)
+            data = board.feature(i)
+            promoted = ", ".join(Tok().decode([int(t)]) for t in data["promoted_ids"][:3])
+            assert f"density {float(data['density']):.3%}; promotes {html_escape(promoted)}" in title
+            break
+    else:
+        pytest.fail(f"no feature of layer {layer} is drawn")
