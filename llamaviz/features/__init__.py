@@ -7,8 +7,9 @@ file formats, attached to a model as hook points.
     transcoders = features.load_transcoder_set("model/transcoders")   # circuit-tracer's layout
 
 May import: llamaviz.llama, distributed, checkpoints, tokenizers, run, interpret.
-Inside: dictionary, sparsity (the math) <- saelens_files, transcoder_set <- attach <- data, harvest,
-training <- job <- command (features.train, what `llamaviz features train` runs).
+Inside: dictionary, sparsity (the math), file_checks (symlinks, safetensors headers) <- saelens_files,
+transcoder_set <- attach <- analysis (logit effects, attribution, ablation, patching of features), data,
+harvest, training <- job <- command (features.train, what `llamaviz features train` runs).
 """
 
 from llamaviz.features.attach import attached
