@@ -8,8 +8,11 @@ is read once per dictionary and kept on the run.
 
 from __future__ import annotations
 
+import bisect
 import html
+import itertools
 import json
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -173,6 +176,79 @@ def feature_list_html(run: Run, path: str, position) -> str:
         f'<td>{html.escape(" ".join(word(t) for t in effects[f]))}</td></tr>' for f, a, d in rows)
     return ('<table class="lv-features"><tr><th>feature</th><th>activation</th><th>density</th>'
             f"<th>promotes</th></tr>{body}</table>")
+
+
+def word_positions(run: Run, word: str) -> list[int]:
+    """Positions of the tokens covering each occurrence of `word` in the run's text (prompt + generation, any case)."""
+    word = str(word or "").strip()
+    pieces = [run.entry.tokenizer.decode([int(i)]) for i in run.ids[0].tolist()]
+    lowered = [piece.lower() for piece in pieces]
+    ends = list(itertools.accumulate(map(len, lowered)))  # character offset after each token
+    text, positions = "".join(lowered), set()
+    for match in re.finditer(re.escape(word.lower()), text) if word else ():
+        first, last = bisect.bisect_right(ends, match.start()), bisect.bisect_left(ends, match.end())
+        positions |= set(range(first, last + 1))
+    if not positions:
+        sample = next((p.strip() for p in pieces[run.prompt_length // 2:] if p.strip().isalpha()), "the")
+        raise ValueError(f"{word!r} is not in the run's text; type a word of the prompt or the generation "
+                         f"(e.g. {sample!r}), or leave the box empty for the token at the picked position")
+    return sorted(positions)
+
+
+def features_on(run: Run, path: str, word: str, position) -> tuple[list[int], list[tuple[int, float, int]]]:
+    """The features that fire most on `word` (every token of each occurrence; empty: the token at `position`):
+    (positions, [(feature, largest activation there, the position where it is reached)])."""
+    positions = word_positions(run, word) if str(word or "").strip() else [check_position(run, position)]
+    acts = activations(run, path)
+    block = torch.stack([acts.row(p) for p in positions])  # [k, F]
+    best, where = block.max(0)
+    values, indices = best.topk(min(TOP_FEATURES, acts.width))
+    return positions, [(int(f), float(v), positions[int(where[f])]) for v, f in zip(values, indices) if v > 0]
+
+
+def token_id(run: Run, text: str) -> int:
+    """The vocabulary id of `text`: a text that is one token (' cat'), or a raw vocabulary piece ('Ġcat')."""
+    tok = run.entry.tokenizer
+    ids = tok.encode(str(text or ""), add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    piece = tok.get_vocab().get(str(text or ""))
+    if piece is not None:
+        return int(piece)
+    pieces = [tok.decode([i]) for i in ids]
+    raise ValueError(f"{text!r} is not one token of the vocabulary"
+                     + (f": it splits into {pieces}" if pieces else "")
+                     + "; give a single token (a leading space belongs to the token: ' cat' differs from 'cat')")
+
+
+def promoting(run: Run, path: str, text: str) -> tuple[int, list[tuple[int, float, float]]]:
+    """The features whose logit effect on one token is largest: decoder row x final norm weight . W_U[token]
+    (the dashboards' convention): (token id, [(feature, effect, largest activation in the run)])."""
+    token, sae, model = token_id(run, text), dictionary(path), run.entry.model
+    with torch.no_grad():
+        direction = model.model.norm.weight.detach().float() * model.lm_head.weight[token].detach().float()  # [m]
+        effects = sae.W_dec.detach().float().to(direction.device) @ direction  # [F]
+    values, indices = effects.cpu().topk(min(TOP_FEATURES, sae.cfg.d_sae))
+    acts = activations(run, path)
+    return token, [(int(f), float(v), float(acts.column(int(f)).max())) for v, f in zip(values, indices)]
+
+
+def search_html(run: Run, path: str, kind: str, query: str, position) -> str:
+    """The search results as a table (kind "word": features_on; "token": promoting)."""
+    tok = run.entry.tokenizer
+    if kind == "word":
+        positions, rows = features_on(run, path, query, position)
+        where = ", ".join(str(p) for p in positions[:12]) + (" ..." if len(positions) > 12 else "")
+        head = f"<p>Features firing most on {html.escape(repr(str(query or '').strip() or run.tokens[positions[0]]))} (positions {where})</p>"
+        body = "".join(f'<tr data-feature="{f}"><td>{f}</td><td>{a:.3f}</td><td>{p}: '
+                       f"{html.escape(display_token(tok.decode([int(run.ids[0, p])])))}</td></tr>" for f, a, p in rows)
+        return (f'<div class="lv-search">{head}<table><tr><th>feature</th><th>activation</th><th>at</th></tr>'
+                f"{body or '<tr><td colspan=3>none active</td></tr>'}</table></div>")
+    token, rows = promoting(run, path, query)
+    body = "".join(f'<tr data-feature="{f}"><td>{f}</td><td>{e:+.3f}</td><td>{a:.3f}</td></tr>' for f, e, a in rows)
+    return (f'<div class="lv-search"><p>Features promoting {html.escape(display_token(tok.decode([token])))} '
+            f"(token {token})</p><table><tr><th>feature</th><th>logit effect</th><th>max activation in this run</th>"
+            f"</tr>{body}</table></div>")
 
 
 def text_html(run: Run, path: str, feature) -> str:

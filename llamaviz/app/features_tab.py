@@ -9,7 +9,7 @@ import time
 import gradio as gr
 
 from llamaviz.app import features as fx
-from llamaviz.app.handlers import current_run, status
+from llamaviz.app.handlers import current_run, failure, status
 from llamaviz.app.workbench import guarded, outputs
 
 
@@ -26,6 +26,12 @@ def tab(c: dict, model_path: str | None) -> None:
             c["feature_index"] = gr.Number(0, label="Feature", precision=0, elem_id="feature-index", scale=1)
             c["feature_show"] = gr.Button("Show", variant="primary", elem_id="feature-show")
         c["feature_list"] = gr.HTML(elem_id="feature-list")
+        with gr.Row():
+            c["feature_search"] = gr.Textbox(label="Search: a word of the text (empty = the picked token), or a token",
+                                             elem_id="feature-search", scale=4)
+            c["feature_search_word"] = gr.Button("Features firing on it", elem_id="feature-search-word", scale=1)
+            c["feature_search_token"] = gr.Button("Features promoting it", elem_id="feature-search-token", scale=1)
+        c["feature_search_results"] = gr.HTML(elem_id="feature-search-results")
         c["feature_text"] = gr.HTML(elem_id="feature-text")
         c["feature_dashboard"] = gr.HTML(elem_id="feature-dashboard")
         with gr.Row():
@@ -61,6 +67,27 @@ def show(state, path, position, feature):
     return {"feature_list": listing, "feature_index": feature, "feature_text": fx.text_html(run, path, feature),
             "feature_dashboard": fx.dashboard_html(run, path, feature),
             "status": status(f"Features of the run in {time.perf_counter() - started:.1f} s.", "ok")}
+
+
+def search(state, path, query, position, kind: str) -> dict:
+    """Features firing on a word (kind "word") or promoting a token ("token"); a bad query is shown in the results."""
+    try:
+        run = current_run(state)
+        page = fx.search_html(run, path, kind, query, position)
+    except (ValueError, FileNotFoundError) as err:
+        return {"feature_search_results": f'<p class="lv-error">{html.escape(str(err), quote=False)}</p>',
+                "status": failure(err)}
+    return {"feature_search_results": page, "status": status("Searched.", "ok")}
+
+
+@guarded
+def search_word(state, path, query, position):
+    return search(state, path, query, position, "word")
+
+
+@guarded
+def search_token(state, path, query):
+    return search(state, path, query, None, "token")
 
 
 @guarded
@@ -114,6 +141,10 @@ def wire(state, c: dict) -> None:
 
     click(c["feature_show"].click, show, ["feature_dictionary", "feature_position", "feature_index"],
           ["feature_list", "feature_index", "feature_text", "feature_dashboard", "status"])
+    click(c["feature_search_word"].click, search_word, ["feature_dictionary", "feature_search", "feature_position"],
+          ["feature_search_results", "status"])
+    click(c["feature_search_token"].click, search_token, ["feature_dictionary", "feature_search"],
+          ["feature_search_results", "status"])
     click(c["feature_steer"].click, steer, ["feature_dictionary", "feature_index", "feature_scale", "feature_position"],
           ["feature_steered_text", "status"])
     click(c["feature_ablate"].click, ablate, ["feature_dictionary", "feature_ablate_list", "feature_ablate_positions",

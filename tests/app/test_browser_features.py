@@ -1,5 +1,5 @@
-"""The Features tab in a real browser: pick a dictionary by path, see the features, steer, and a bad input
-shown in the page (the app stays up)."""
+"""The Features tab in a real browser: pick a dictionary by path, see the features, search them (by a word of
+the text, by a promoted token), steer, and bad input shown in the page (the app stays up)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,19 @@ def test_the_features_tab_shows_steers_and_reports_bad_input(browser, server, sa
     assert page.locator("#feature-text span[data-pos]").count() > 10
     assert "No dashboards beside" in page.inner_text("#feature-dashboard")
     page.locator("#tab-features").screenshot(path=str(SCREENSHOT))  # README shows it
+    box = "#feature-search textarea, #feature-search input"
+    page.fill(box, "sat")
+    page.click("#feature-search-word")
+    page.wait_for_selector("#feature-search-results .lv-search tr[data-feature]")
+    assert "Features firing most on 'sat'" in page.inner_text("#feature-search-results")
+    page.fill(box, " mat")
+    page.click("#feature-search-token")
+    page.wait_for_selector("#feature-search-results :text('Features promoting')")
+    assert page.locator("#feature-search-results tr[data-feature]").count() == 12
+    page.fill(box, "zebra")
+    page.click("#feature-search-word")
+    page.wait_for_selector("#feature-search-results .lv-error")
+    assert "'zebra' is not in the run's text" in page.inner_text("#feature-search-results")
     page.fill("#feature-scale input", "40")
     page.click("#feature-steer")
     page.wait_for_selector("#feature-steered-text .lv-steer")

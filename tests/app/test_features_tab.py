@@ -160,3 +160,36 @@ def test_dictionaries_are_found_in_the_checkpoints_folder_and_beside_the_checkpo
     monkeypatch.chdir(tmp_path)  # not the repository: nothing is looked up relative to the working directory
     assert fx.found_dictionaries(None) == [str(listed / "sae-a")]
     assert fx.found_dictionaries(str(beside / "model.gguf")) == [str(beside / "sae-b"), str(listed / "sae-a")]
+
+
+def test_search_ranks_the_features_firing_on_a_word_as_plain_hooks_do(session):
+    state, folder, entry, sae = session
+    run, tok = state.run, entry.tokenizer
+    positions = [t for t, i in enumerate(run.ids[0].tolist()) if tok.decode([i]).strip().lower() == "sat"]
+    assert len(positions) == 2
+    best = plain_acts(entry, run, sae)[positions].max(0).values  # [F]
+    expected = [f for f in best.topk(fx.TOP_FEATURES).indices.tolist() if best[f] > 0]
+    page = features_tab.search_word(state, folder, " Sat ", -1)["feature_search_results"]
+    assert [int(f) for f in re.findall(r'data-feature="(\d+)"', page)] == expected
+    found, rows = fx.features_on(run, folder, "sat", -1)
+    assert found == positions and [round(a, 4) for _, a, _ in rows] == [round(float(best[f]), 4) for f in expected]
+    _, picked = fx.features_on(run, folder, "", positions[0])  # empty: the picked token alone
+    at = plain_acts(entry, run, sae)[positions[0]]
+    assert [f for f, _, _ in picked] == [f for f in at.topk(fx.TOP_FEATURES).indices.tolist() if at[f] > 0]
+    shown = features_tab.search_word(state, folder, "zebra", -1)
+    assert is_error(shown["status"]) and "'zebra' is not in the run's text" in shown["feature_search_results"]
+
+
+def test_search_ranks_the_features_promoting_a_token_by_their_logit_effect(session):
+    state, folder, entry, sae = session
+    model = entry.model
+    effects = (sae.W_dec.detach() * model.model.norm.weight.detach()) @ model.lm_head.weight.detach().T  # [F, v]
+    token = entry.tokenizer.get_vocab()["Ġmat"]
+    expected = effects[:, token].topk(fx.TOP_FEATURES)
+    page = features_tab.search_token(state, folder, " mat")["feature_search_results"]
+    assert [int(f) for f in re.findall(r'data-feature="(\d+)"', page)] == expected.indices.tolist()
+    got, rows = fx.promoting(state.run, folder, "Ġmat")  # the raw vocabulary piece names the same token
+    assert got == token
+    torch.testing.assert_close(torch.tensor([e for _, e, _ in rows]), expected.values, rtol=1e-4, atol=1e-5)
+    shown = features_tab.search_token(state, folder, "xqzptlwv")
+    assert is_error(shown["status"]) and "not one token of the vocabulary" in shown["feature_search_results"]
