@@ -217,6 +217,15 @@ def test_open_view_reruns_the_exact_token_ids_the_app_stored(model_and_tok, tmp_
 
 @pytest.mark.slow
 def test_quickstart_executes(default_gguf, tmp_path):
+    from llamaviz import features
+    from llamaviz.features.dictionary import Dictionary, DictionaryConfig
+
+    torch.manual_seed(0)  # the features cell reads model/dictionaries/sae-resid-<L> under the notebook's folder
+    sae = Dictionary(DictionaryConfig("topk", d_in=576, d_sae=1152, hook_name="blocks.10.hook_resid_post", k=24))
+    with torch.no_grad():
+        for weight in sae.parameters():
+            weight.normal_(0, 0.05)
+    features.save(sae, tmp_path / "model" / "dictionaries" / "sae-resid-10")
     _, outputs = execute(QUICKSTART, tmp_path, timeout=600)
     html = [out.data.get("text/html", "") for out in outputs if "data" in out]
     assert sum(get_plotlyjs() in page for page in html) == 1            # inlined once
@@ -225,3 +234,4 @@ def test_quickstart_executes(default_gguf, tmp_path):
     assert len(figures) == 4
     printed = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
     assert "KL(clean || ablated)" in printed
+    assert "most active features at the last token" in printed and printed.count(": attribution ") == 5
