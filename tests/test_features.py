@@ -364,3 +364,19 @@ def test_metadata_reads_as_saelens_spells_it(tmp_path):
     (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config))
     again = features.load(tmp_path / "sae")
     assert again.cfg.hook_name == "" and again.cfg.metadata.hook_name == "" and again.cfg.metadata.model_name == "tiny"
+
+
+def test_a_hook_split_across_ranks_is_refused(narrow_heads):
+    from types import SimpleNamespace
+
+    point = narrow_heads.hook_points()["blocks.1.mlp.hook_post"]
+    sae = Dictionary(DictionaryConfig("standard", d_in=96, d_sae=S, hook_name="blocks.1.mlp.hook_post"))
+    point.shard = SimpleNamespace(unit="features")  # what tensor parallelism sets on the MLP's hooks
+    try:
+        with pytest.raises(ValueError, match="holds only this rank's features under tensor parallelism"):
+            with features.attached(narrow_heads, sae):
+                pass
+    finally:
+        point.shard = None
+    with features.attached(narrow_heads, sae):  # whole again: an intermediate-width SAE fits mlp.hook_post
+        assert "blocks.1.mlp.hook_post.hook_sae_acts_post" in narrow_heads.hook_points()
