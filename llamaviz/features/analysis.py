@@ -30,7 +30,8 @@ from llamaviz.interpret.patching.sweeps import check_pair, check_scalar
 from llamaviz.llama.hook_points import frozen_parameters
 
 RESIDUAL_WRITERS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-COPIES_PER_FORWARD = 16  # edited copies of the prompt that go through the model together
+COPIES_PER_FORWARD = 16  # edited copies of the prompt that go through the model together, at most
+LOGITS_BYTES_PER_FORWARD = 512 * 2**20  # and at most this many bytes of logits from one forward
 Cell = tuple[int, int]  # (position, feature)
 
 
@@ -223,8 +224,10 @@ def edited_metrics(model, ids: torch.Tensor, dictionary: Dictionary, metric: Cal
     """The metric of the run with each edit applied to the latents [n]: copies of the prompt go through the
     model together, copy i's activations [b, p, F] handed to edits[i] (None: unedited) to change in place."""
     b, results = ids.shape[0], []
-    for start in range(0, len(edits), COPIES_PER_FORWARD):
-        chunk = edits[start:start + COPIES_PER_FORWARD]
+    per_copy = ids.numel() * model.config.vocab_size * 4  # float32 logits of one copy
+    copies = max(1, min(COPIES_PER_FORWARD, LOGITS_BYTES_PER_FORWARD // per_copy))
+    for start in range(0, len(edits), copies):
+        chunk = edits[start:start + copies]
 
         def apply(acts, hook, chunk=chunk):
             acts = acts.clone()
