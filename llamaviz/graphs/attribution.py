@@ -6,8 +6,15 @@ cumulative probability (at most 10). adjacency[target, source] is the direct eff
 the target's pre-activation: a feature's is activation x decoder row . d target / d mlp_out, an
 error's its error vector . d target / d mlp_out, a token's its embedding . d target / d embed. A
 logit target is the unembedding column minus the mean column, read through the frozen final norm.
-Gradients come from batched backward passes, `batch` targets per pass (one prompt copy each).
 Position 0 (BOS, the attention sink) carries no features, as in circuit-tracer.
+
+The gradients come from the frozen model's written-out backward (graphs.linear), `batch` targets at
+a time. With max_feature_nodes below the number of active features, rows are computed as
+circuit-tracer does: the logits' first, then the features in order of their influence through the
+rows so far (re-ranked every update_interval batches); the graph keeps the visited features.
+Memory: the rows in computation, (max_feature_nodes + logits) x (active features + (L+1) x p)
+numbers, plus the frozen patterns (L x h x p^2) and one batch's gradients (batch x p x m x 3);
+`row_bytes` states the first before anything runs.
 """
 
 from __future__ import annotations
@@ -16,19 +23,21 @@ from dataclasses import dataclass
 
 import torch
 
+from llamaviz.graphs.linear import LinearBackward
 from llamaviz.graphs.replacement import ReplacementRun
 
 
 @dataclass
 class Graph:
     ids: torch.Tensor            # [1, p] the prompt
-    features: torch.Tensor       # [n_f, 3] (layer, position, index) of the active features
+    features: torch.Tensor       # [n_f, 3] (layer, position, index) of the feature nodes
     activations: torch.Tensor    # [n_f]
     logit_tokens: torch.Tensor   # [n_l] token ids of the logit nodes
     logit_probs: torch.Tensor    # [n_l]
     adjacency: torch.Tensor      # [n, n] target x source; n = n_f + L*p + p + n_l
     layers: int
-    bias: torch.Tensor           # [n_f + n_l] what no node carries: b_dec, b_enc, position 0's features
+    bias: torch.Tensor           # [n_f + n_l] what no node carries: b_dec, b_enc, position 0's and unkept features
+    active_features: int = -1    # how many features were active (n_f unless a node budget dropped some)
 
     @property
     def positions(self) -> int:
@@ -44,70 +53,149 @@ class Graph:
         return self.adjacency.shape[0] - len(self.logit_tokens) + rank
 
 
+def row_bytes(active: int, layers: int, positions: int, logits: int, max_feature_nodes: int | None,
+              itemsize: int = 4) -> int:
+    """Bytes of the rows held while a graph is computed (see the module docstring)."""
+    rows = min(max_feature_nodes or active, active) + logits
+    return rows * (active + (layers + 1) * positions) * itemsize
+
+
 def attribute(model, transcoders, ids: torch.Tensor, max_logits: int = 10, cumulative: float = 0.95,
-              batch: int = 16) -> Graph:
-    """The full (unpruned) graph of `ids` [1, p]; see the module docstring."""
+              batch: int = 16, max_feature_nodes: int | None = None, update_interval: int = 4) -> Graph:
+    """The full (unpruned) graph of `ids` [1, p], or its top max_feature_nodes features; see the module docstring."""
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise ValueError(f"max_feature_nodes must be None (every active feature) or >= 0, got {max_feature_nodes}")
+    if batch < 1 or update_interval < 1:
+        raise ValueError(f"batch and update_interval must be >= 1, got {batch} and {update_interval}")
     run = ReplacementRun(model, transcoders, ids)
-    p, layers = ids.shape[1], run.layers
-    found = [torch.nonzero(acts[1:] > 0) + torch.tensor([1, 0]) for acts in run.acts]  # skip position 0
-    features = torch.cat([torch.cat([torch.full((len(f), 1), layer), f], dim=1) for layer, f in enumerate(found)])
-    activations = torch.stack([run.acts[l][pos, i] for l, pos, i in features.tolist()]) if len(features) else torch.zeros(0)
-    probs = run.logits[0, -1].float().softmax(-1)
-    ranked, tokens = probs.sort(descending=True)
-    keep = int(min(max_logits, int((ranked.cumsum(0) < cumulative).sum()) + 1))
-    logit_tokens, logit_probs = tokens[:keep], ranked[:keep]
-    n_f, n = len(features), len(features) + layers * p + p + keep
-    adjacency, bias = torch.zeros(n, n, dtype=run.embed.dtype), torch.zeros(n_f + keep, dtype=run.embed.dtype)
-    targets = [("feature", row) for row in range(n_f)] + [("logit", rank) for rank in range(keep)]
-    for start in range(0, len(targets), batch):
-        chunk = targets[start:start + batch]
-        rows, biases = _rows(run, chunk, features, activations, logit_tokens)
-        for (kind, index), row, constant in zip(chunk, rows, biases):
-            target = index if kind == "feature" else n - keep + index
-            adjacency[target] = row
-            bias[target if kind == "feature" else n_f + index] = constant
-    return Graph(ids, features, activations, logit_tokens, logit_probs, adjacency, layers, bias)
+    rows = _Rows(run, max_logits, cumulative, max_feature_nodes)
+    for chunk in _batches(list(range(rows.n_l)), batch):
+        rows.compute([rows.n_f + rank for rank in chunk])
+    while rows.visited.sum() < rows.budget:
+        pending = rows.ranking(update_interval * batch)
+        for chunk in _batches(pending, batch):
+            rows.compute(chunk)
+    return rows.graph()
 
 
-def _rows(run: ReplacementRun, chunk: list, features, activations, logit_tokens):
-    """Adjacency rows [c, n] of a chunk of targets, from one batched backward, and each target's constant part."""
-    logits, mlp_in, leaves = run.forward(len(chunk))
-    values = []
-    for copy, (kind, index) in enumerate(chunk):
-        if kind == "feature":
-            layer, position, feature = features[index].tolist()
-            tc = run.transcoders[layer]
-            values.append(mlp_in[layer][copy, position] @ tc.W_enc[:, feature] + tc.b_enc[feature])
+def _batches(items: list, size: int) -> list[list]:
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+class _Rows:
+    """Rows of the targets computed so far over every active feature's column, and their constants."""
+
+    def __init__(self, run: ReplacementRun, max_logits: int, cumulative: float, max_feature_nodes):
+        self.run, self.linear = run, LinearBackward(run)
+        p, layers = run.ids.shape[1], run.layers
+        found = [torch.nonzero(acts[1:] > 0) + torch.tensor([1, 0]) for acts in run.acts]  # skip position 0
+        self.active = torch.cat([torch.cat([torch.full((len(f), 1), layer), f], dim=1)
+                                 for layer, f in enumerate(found)])  # [n_f, 3] in (layer, position, index) order
+        self.values = (torch.cat([run.acts[l][f[:, 0], f[:, 1]] for l, f in enumerate(found)])
+                       if len(self.active) else torch.zeros(0, dtype=run.embed.dtype))
+        probs = run.logits[0, -1].float().softmax(-1)
+        ranked, tokens = probs.sort(descending=True)
+        keep = int(min(max_logits, int((ranked.cumsum(0) < cumulative).sum()) + 1))
+        self.logit_tokens, self.logit_probs = tokens[:keep], ranked[:keep]
+        self.n_f, self.n_l = len(self.active), keep
+        self.width = self.n_f + (layers + 1) * p  # every source column
+        self.budget = self.n_f if max_feature_nodes is None else min(max_feature_nodes, self.n_f)
+        dtype = run.embed.dtype
+        self.rows = torch.zeros(self.budget + keep, self.width, dtype=dtype)
+        self.constants = torch.zeros(self.budget + keep, dtype=dtype)
+        self.node_of_row = torch.zeros(self.budget + keep, dtype=torch.long)  # node index (logits: n_f + rank)
+        self.filled, self.visited = 0, torch.zeros(self.n_f, dtype=torch.bool)
+        self.by_layer = [torch.nonzero(self.active[:, 0] == layer).flatten() for layer in range(layers)]
+        unembed = run.model.lm_head.weight.detach().to(dtype)
+        self.logit_directions = unembed[self.logit_tokens] - unembed.mean(0)  # [n_l, m]
+
+    def ranking(self, count: int) -> list[int]:
+        """The next `count` unvisited features: in position order when all are kept, else by partial influence."""
+        left = int(self.budget - self.visited.sum())
+        if self.budget == self.n_f:
+            order = torch.argsort(self.active[:, 1] * (self.run.layers + 1) + self.active[:, 0], stable=True)
         else:
-            row = logits[copy, -1]
-            values.append(row[logit_tokens[index]] - row.mean())
-    torch.stack(values).sum().backward()
-    for leaf in leaves.values():  # a leaf no target of this chunk depends on has no gradient
-        if leaf.grad is None:
-            leaf.grad = torch.zeros_like(leaf)
-    with torch.no_grad():
-        sources = _source_columns(run, leaves, features, activations)  # [c, n_sources]
-        decoded = torch.stack([sum((leaves[layer].grad[copy] * run.constant[layer]).sum() for layer in range(run.layers))
-                               for copy in range(len(chunk))])  # what every decoded output adds, b_dec included
-        constants = decoded - sources[:, :len(features)].sum(1)  # less the feature nodes: b_dec and position 0
-        for copy, (kind, index) in enumerate(chunk):
-            if kind == "feature":
-                constants[copy] += run.transcoders[int(features[index, 0])].b_enc[int(features[index, 2])]
-        width = sources.shape[1]
-        rows = sources.new_zeros(len(chunk), width + len(logit_tokens))
-        rows[:, :width] = sources
-    return rows, constants
+            order = torch.argsort(self.partial_influence()[: self.n_f], descending=True, stable=True)
+        return order[~self.visited[order]][: min(count, left)].tolist()
 
+    def partial_influence(self) -> torch.Tensor:
+        """[width]: influence on the logits through the rows so far (circuit-tracer's ranking)."""
+        rows, nodes = self.rows[: self.filled], self.node_of_row[: self.filled]
+        norms = rows.abs().sum(1).clamp(min=1e-12)
+        flow = torch.zeros(self.width + self.n_l, dtype=rows.dtype)
+        flow[self.width:] = (self.logit_probs / self.logit_probs.sum()).to(rows.dtype)
+        total = torch.zeros(self.width, dtype=rows.dtype)
+        node_slot = torch.where(nodes >= self.n_f, nodes - self.n_f + self.width, nodes)
+        for _ in range(self.run.layers + 3):
+            weights = flow[node_slot] / norms
+            if not weights.any():
+                break
+            step = torch.zeros(self.width, dtype=rows.dtype)
+            for start in range(0, len(rows), 1024):  # bounded temporaries
+                step += weights[start:start + 1024] @ rows[start:start + 1024].abs()
+            total += step
+            flow = torch.cat([step, flow.new_zeros(self.n_l)])
+        return total
 
-def _source_columns(run: ReplacementRun, leaves: dict, features, activations) -> torch.Tensor:
-    """[c, n_f + L*p + p]: every source's direct effect on each copy's target."""
-    columns = []
-    if len(features):
-        layer, position, index = features.T
-        grads = torch.stack([leaves[int(l)].grad[:, int(pos)] for l, pos in zip(layer, position)], dim=1)  # [c, n_f, m]
-        decoders = torch.stack([run.transcoders[int(l)].W_dec[int(i)] for l, i in zip(layer, index)])  # [n_f, m]
-        columns.append((grads * decoders).sum(-1) * activations)
-    for layer in range(run.layers):
-        columns.append((leaves[layer].grad * run.error[layer]).sum(-1))  # [c, p]
-    columns.append((leaves["embed"].grad * run.embed).sum(-1))  # [c, p]
-    return torch.cat(columns, dim=1)
+    def compute(self, nodes: list[int]) -> None:
+        """Fill the rows of these targets (feature node indices; logits as n_f + rank) from one backward."""
+        seeds, constants = [], []
+        for node in nodes:
+            if node >= self.n_f:
+                seeds.append((self.run.layers, self.run.ids.shape[1] - 1,
+                              self.linear.logit_seed(self.logit_directions[node - self.n_f])))
+                constants.append(0.0)
+            else:
+                layer, position, index = self.active[node].tolist()
+                tc = self.run.transcoders[layer]
+                seeds.append((layer, position, self.linear.mlp_seed(layer, position, tc.W_enc[:, index].detach()
+                                                                    .to(self.rows.dtype))))
+                constants.append(float(tc.b_enc[index].detach()))
+        block = self.rows[self.filled:self.filled + len(nodes)]
+        decoded = torch.zeros(len(nodes), dtype=self.rows.dtype)
+        with torch.no_grad():
+            grad_embed = self.linear.backward(seeds, lambda layer, grad: self._visit(layer, grad, block, decoded))
+            P = grad_embed.shape[1]
+            start = self.n_f + self.run.layers * self.run.ids.shape[1]
+            block[:, start:start + P] = (grad_embed * self.run.embed[:P]).sum(-1)
+            # the constant part: every decoded output (b_dec and position 0 included) less the feature columns
+            self.constants[self.filled:self.filled + len(nodes)] = (decoded - block[:, : self.n_f].sum(1)
+                                                                    + torch.tensor(constants, dtype=decoded.dtype))
+        self.node_of_row[self.filled:self.filled + len(nodes)] = torch.tensor(nodes)
+        self.visited[[n for n in nodes if n < self.n_f]] = True
+        self.filled += len(nodes)
+
+    def _visit(self, layer: int, grad: torch.Tensor, block: torch.Tensor, decoded: torch.Tensor) -> None:
+        """Columns of one layer's features and errors from d target / d mlp_out [c, P, m]."""
+        run, P, p = self.run, grad.shape[1], self.run.ids.shape[1]
+        decoded += (grad * run.constant[layer][:P]).sum((1, 2))
+        start = self.n_f + layer * p
+        block[:, start:start + P] = (grad * run.error[layer][:P]).sum(-1)
+        columns = self.by_layer[layer]
+        columns = columns[self.active[columns, 1] < P]
+        w_dec = run.transcoders[layer].W_dec.detach().to(grad.dtype)
+        step = max(1, (1 << 22) // max(1, grad.shape[0] * grad.shape[2]))  # [c, step, m] at most 4M numbers
+        for lo in range(0, len(columns), step):
+            part = columns[lo:lo + step]
+            positions, index = self.active[part, 1], self.active[part, 2]
+            block[:, part] = (grad[:, positions] * w_dec[index]).sum(-1) * self.values[part]
+
+    def graph(self) -> Graph:
+        """The graph over the visited features: rows in node order, columns of unvisited features dropped."""
+        kept = torch.nonzero(self.visited).flatten()
+        layers, p = self.run.layers, self.run.ids.shape[1]
+        columns = torch.cat([kept, torch.arange(self.n_f, self.width)])
+        order = self.node_of_row[: self.filled]
+        rank = torch.full((self.n_f + self.n_l,), -1, dtype=torch.long)
+        rank[kept] = torch.arange(len(kept))
+        rank[self.n_f:] = torch.arange(self.n_l) + len(kept)  # target slots: kept features, then logits
+        n = len(kept) + (layers + 1) * p + self.n_l
+        adjacency = self.rows.new_zeros(n, n)
+        bias = self.rows.new_zeros(len(kept) + self.n_l)
+        slots = rank[order]
+        target_rows = torch.where(slots < len(kept), slots, slots - len(kept) + n - self.n_l)
+        adjacency[target_rows, : len(columns)] = self.rows[: self.filled][:, columns]
+        dropped = self.rows[: self.filled][:, : self.n_f].sum(1) - self.rows[: self.filled][:, kept].sum(1)
+        bias[slots] = self.constants[: self.filled] + dropped
+        return Graph(self.run.ids, self.active[kept], self.values[kept], self.logit_tokens, self.logit_probs,
+                     adjacency, layers, bias, self.n_f)
