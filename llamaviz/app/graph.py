@@ -78,6 +78,7 @@ class Built:
     graph: graphs.Graph
     tokens: list[str]  # the prompt's token pieces
     prunings: dict = field(default_factory=dict)
+    hover: dict = field(default_factory=dict)  # node -> its hover summary (influence does not depend on the threshold)
 
     def pruned(self, node_threshold: float) -> graphs.Pruned:
         """graphs.prune at this node threshold (the edge threshold stays 0.98), kept per threshold."""

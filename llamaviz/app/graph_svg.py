@@ -166,9 +166,11 @@ def svg(run, built: Built, pruned, pinned: list[int]) -> str:
     shown = shown_nodes(built, pruned)
     found = cells(graph, shown)
     cell = column_width(graph, found)
-    points, texts = coordinates(graph, found, cell), summaries(run, built, shown, pruned)
+    missing = [i for i in shown if i not in built.hover]
+    built.hover.update(summaries(run, built, missing, pruned) if missing else {})
+    points, texts = coordinates(graph, found, cell), built.hover
     width = MARGIN + graph.positions * cell + 20
-    height = MARGIN + (graph.layers + 1) * ROW + 40
+    height = MARGIN / 2 + (graph.layers + 1) * ROW + 30
     parts = [_axes(built, cell, height)]
     parts += _edges(graph, pruned, points)
     top = float(pruned.influence[shown].max()) if shown else 1.0

@@ -53,6 +53,18 @@ def open_graph(page) -> None:
     page.locator(".overflow-dropdown button", has_text="Graph").first.click()
 
 
+def save_screenshot(page) -> None:
+    """assets/screenshot-graph.png (README shows it): the tab from its top to the pinned subgraph, at 3/4 size."""
+    page.evaluate("window.scrollTo(0, 0)")
+    top, bottom = page.locator("#tab-graph").bounding_box(), page.locator("#graph-subgraph").bounding_box()
+    clip = {"x": top["x"], "y": top["y"], "width": top["width"], "height": bottom["y"] + bottom["height"] - top["y"]}
+    page.screenshot(path=str(SCREENSHOT), clip=clip, full_page=True)
+    from PIL import Image
+
+    shot = Image.open(SCREENSHOT).convert("RGB")
+    shot.resize((shot.width * 3 // 4, shot.height * 3 // 4), Image.LANCZOS).quantize(256).save(SCREENSHOT, optimize=True)
+
+
 def choose_set(page, path: str) -> None:
     page.fill("#graph-set input", path)
     page.press("#graph-set input", "Enter")
@@ -103,12 +115,13 @@ def test_the_graph_tab_builds_prunes_pins_explains_and_intervenes_offline(browse
 
     assert page.input_value("#graph-qk-key input") == feature.rsplit("_", 1)[1]  # the pinned edge's key
     assert page.input_value("#graph-qk-layer input") == str(layers - 1)
+    page.fill("#graph-qk-layer input", "2")  # an early layer: fewer parts to run than at the last
     page.click("#graph-qk")
     wait_for_status(page, "QK attribution done")
-    assert "terms sum to" in page.inner_text("#graph-qk-view")
+    assert "L2 H0" in page.inner_text("#graph-qk-view") and "terms sum to" in page.inner_text("#graph-qk-view")
     page.click("#graph-intervene")
     wait_for_status(page, "Intervened")
     assert "top tokens before" in page.inner_text("#graph-intervention")
-    page.locator("#tab-graph").screenshot(path=str(SCREENSHOT))  # README shows it
+    save_screenshot(page)
     assert not refused or all(url.startswith(("data:", "blob:")) for url in refused), refused
     page.context.close()
