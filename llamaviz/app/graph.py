@@ -157,6 +157,36 @@ def qk(run: Run, built: Built, layer, head, query, key) -> dict:
         return graphs.qk_attribution(model, transcoder_set(built.path), built.graph, **numbers)
 
 
+def pinned_edge(graph, pinned: list[int]) -> tuple[int, int] | None:
+    """(source, target) of the last two pins when they make an edge that crosses attention: the earlier
+    position is the source (not a logit), the later the target (not a token); None otherwise."""
+    if len(pinned) < 2:
+        return None
+    n, n_f, p = graph.adjacency.shape[0], len(graph.features), graph.positions
+    tokens = range(n_f + graph.layers * p, n - len(graph.logit_tokens))
+
+    def position(i: int) -> int:
+        if i < n_f:
+            return int(graph.features[i, 1])
+        return (i - n_f) % p if i < n - len(graph.logit_tokens) else p - 1
+
+    source, target = sorted(pinned[-2:], key=position)
+    if position(source) == position(target) or source >= n - len(graph.logit_tokens) or target in tokens:
+        return None
+    return source, target
+
+
+def loadings(run: Run, built: Built, source: int, target: int, top: int = 5) -> dict:
+    """graphs.head_loadings of one edge: its strongest heads [(layer, head, part)], the direct part, the edge."""
+    with run.entry.lock:
+        found = graphs.head_loadings(run.entry.model, transcoder_set(built.path), built.graph, target, source)
+    heads = found["heads"]
+    order = heads.flatten().abs().argsort(descending=True)[:top].tolist()
+    width = heads.shape[1]
+    return {"heads": [(i // width, i % width, float(heads.flatten()[i])) for i in order],
+            "direct": found["direct"], "edge": found["edge"], "total": float(heads.sum()) + found["direct"]}
+
+
 def _edited_mlp(layer: int, tc, error: torch.Tensor, edits: dict):
     """hook_mlp_out of the replacement: the transcoder on the live input, some features edited, plus the error."""
     def replace(out, hook, live: dict):

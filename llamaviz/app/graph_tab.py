@@ -43,6 +43,7 @@ def tab(c: dict, model_path: str | None) -> None:
             c["graph_super_name"] = gr.Textbox(label="Supernode name", elem_id="graph-supernode-name", scale=2)
             c["graph_group"] = gr.Button("Group pinned", elem_id="graph-group", scale=1)
         c["graph_subgraph"] = gr.HTML(elem_id="graph-subgraph")
+        c["graph_loadings"] = gr.HTML(elem_id="graph-loadings")
         with gr.Row():
             c["graph_qk_layer"] = gr.Number(0, label="QK: layer", precision=0, elem_id="graph-qk-layer")
             c["graph_qk_head"] = gr.Number(0, label="head", precision=0, elem_id="graph-qk-head")
@@ -146,12 +147,13 @@ def reprune(state, session, threshold):
 
 
 def _pin(state, session, text, threshold) -> dict:
-    built = session.current(current_run(state))
+    run = current_run(state)
+    built = session.current(run)
     index = graph_svg.index_of(built.graph, text)
     if index not in session.pinned:
         session.pinned.append(index)
     shown = drawn(state, session, threshold)
-    return {**shown, **_qk_defaults(built, session.pinned), "graph_node": gr.update(choices=shown["graph_node"]
+    return {**shown, **_qk_defaults(run, built, session.pinned), "graph_node": gr.update(choices=shown["graph_node"]
                                                                                      ["choices"], value=text),
             "status": status(f"Pinned {text} ({len(session.pinned)} pinned).", "ok")}
 
@@ -169,17 +171,27 @@ def clicked(state, session, threshold, evt: gr.EventData):
     return _pin(state, session, node, threshold)
 
 
-def _qk_defaults(built: gx.Built, pinned: list[int]) -> dict:
-    """The QK fields for the last two pinned nodes, taken as an edge from the earlier position to the later."""
-    if len(pinned) < 2:
+def _qk_defaults(run, built: gx.Built, pinned: list[int]) -> dict:
+    """For a pinned edge across positions: its head loadings, and the QK fields set to its strongest head
+    with the target's position as query and the source's as key."""
+    edge = gx.pinned_edge(built.graph, pinned)
+    if edge is None:
         return {}
-    graph = built.graph
-    (row_a, pos_a), (row_b, pos_b) = (graph_svg.place(graph, i) for i in pinned[-2:])
-    (_, key), (row, query) = sorted([(row_a, pos_a), (row_b, pos_b)], key=lambda rp: (rp[1], rp[0]))
-    if key == query:
-        return {}
-    layer = min(max(row - 1, 0), graph.layers - 1)  # the attention of the target's layer (logits: the last)
-    return {"graph_qk_layer": layer, "graph_qk_query": query, "graph_qk_key": key}
+    source, target = edge
+    found = gx.loadings(run, built, source, target)
+    key = graph_svg.place(built.graph, source)[1]
+    query = graph_svg.place(built.graph, target)[1]
+    rows = "".join(f'<tr data-head="{layer}.{head}"><td>L{layer} H{head}</td><td>{part:+.4f}</td></tr>'
+                   for layer, head, part in found["heads"])
+    names = f"{graph_svg.node_id(built.graph, source)} -> {graph_svg.node_id(built.graph, target)}"
+    page = (f'<div class="lv-loadings"><p>Heads carrying {_esc(names)} (edge {found["edge"]:+.4f}; heads and the '
+            f'direct part sum to {found["total"]:+.4f}):</p><table><tr><th>head</th><th>part</th></tr>{rows}</table>'
+            "</div>")
+    shown = {"graph_qk_query": query, "graph_qk_key": key, "graph_loadings": page}
+    if found["heads"]:
+        layer, head, _ = found["heads"][0]
+        shown |= {"graph_qk_layer": layer, "graph_qk_head": head}
+    return shown
 
 
 @guarded
@@ -243,7 +255,7 @@ def wire(state, c: dict) -> None:
     c["graph_build"].click(build, [state, session, c["graph_set"], c["graph_prune"]],
                            [c[k] for k in SHOWN])
     click(c["graph_prune"].input, reprune, ["graph_prune"], SHOWN, trigger_mode="always_last")
-    pinned = [*SHOWN, "graph_qk_layer", "graph_qk_query", "graph_qk_key"]
+    pinned = [*SHOWN, "graph_qk_layer", "graph_qk_head", "graph_qk_query", "graph_qk_key", "graph_loadings"]
     click(c["graph_pin"].click, pin, ["graph_node", "graph_prune"], pinned)
     click(c["graph_plot"].click, clicked, ["graph_prune"], pinned)
     click(c["graph_clear"].click, clear, ["graph_prune"], SHOWN)

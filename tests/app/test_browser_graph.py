@@ -114,11 +114,14 @@ def test_the_graph_tab_builds_prunes_pins_explains_and_intervenes_offline(browse
     assert feature in page.inner_text("#graph-subgraph") and logit in page.inner_text("#graph-subgraph")
 
     assert page.input_value("#graph-qk-key input") == feature.rsplit("_", 1)[1]  # the pinned edge's key
-    assert page.input_value("#graph-qk-layer input") == str(layers - 1)
+    strongest = page.get_attribute("#graph-loadings tr[data-head]", "data-head")  # the head carrying most of it
+    assert "Heads carrying" in page.inner_text("#graph-loadings")
+    assert page.input_value("#graph-qk-layer input") + "." + page.input_value("#graph-qk-head input") == strongest
     page.fill("#graph-qk-layer input", "2")  # an early layer: fewer parts to run than at the last
     page.click("#graph-qk")
     wait_for_status(page, "QK attribution done")
-    assert "L2 H0" in page.inner_text("#graph-qk-view") and "terms sum to" in page.inner_text("#graph-qk-view")
+    head = strongest.split(".")[1]
+    assert f"L2 H{head}," in page.inner_text("#graph-qk-view") and "terms sum to" in page.inner_text("#graph-qk-view")
     page.click("#graph-intervene")
     wait_for_status(page, "Intervened")
     assert "top tokens before" in page.inner_text("#graph-intervention")

@@ -104,18 +104,28 @@ def test_pins_supernodes_and_the_qk_view_read_the_librarys_numbers(setup):
     state, session, shown = built(setup)
     features_shown = [i for i in drawn_ids(shown["graph_plot"]) if "_error_" not in i and not i.startswith("E_")
                       and not i.startswith(f"{graph.layers + 1}_")]
-    first, second, logit = features_shown[0], features_shown[1], f"{graph.layers + 1}_{int(graph.logit_tokens[0])}_5"
+    first = features_shown[0]
+    second = next(i for i in features_shown[1:] if int(i.rsplit("_", 1)[1]) < PROMPT - 1)  # before the logits
+    logit = f"{graph.layers + 1}_{int(graph.logit_tokens[0])}_{PROMPT - 1}"
     assert not is_error(graph_tab.pin(state, session, first, 0.8)["status"])
     clicked = graph_tab.clicked(state, session, 0.8, gr.EventData(None, {"node": second}))
     assert f'data-node="{second}"' in clicked["graph_plot"] and "stroke-width=\"2.5\"" in clicked["graph_plot"]
     grouped = graph_tab.group(state, session, "features", 0.8)
     assert not is_error(grouped["status"]) and "features" in grouped["graph_subgraph"]
-    graph_tab.pin(state, session, logit, 0.8)  # the logit stays its own node
+    pinned = graph_tab.pin(state, session, logit, 0.8)  # the logit stays its own node
     members = [graph_svg.index_of(graph, i) for i in (first, second, logit)]
     assert session.supernodes["features"] == members[:2]
     weight = float(graph.adjacency[members[2]][members[:2]].sum())
     page = graph_tab.subgraph_html(session.built, session)
     assert f'data-edge="features->{logit}"' in page and f"{weight:+.4f}" in page
+
+    source = graph_svg.index_of(graph, second)
+    loadings = graphs.head_loadings(model, features.load_transcoder_set(folder), graph, members[2], source)
+    strongest = int(loadings["heads"].abs().flatten().argmax())
+    layer, head = divmod(strongest, loadings["heads"].shape[1])
+    assert (pinned["graph_qk_layer"], pinned["graph_qk_head"]) == (layer, head)
+    assert (pinned["graph_qk_query"], pinned["graph_qk_key"]) == (PROMPT - 1, int(graph.features[source, 1]))
+    assert f"L{layer} H{head}</td><td>{float(loadings['heads'][layer, head]):+.4f}" in pinned["graph_loadings"]
 
     l_q, query, key = 1, PROMPT - 1, 2
     qk = graph_tab.qk_view(state, session, l_q, 1, query, key)["graph_qk_view"]
