@@ -42,5 +42,36 @@ def main(work: Path) -> None:
     save_file({k: v.contiguous() for k, v in out.items()}, str(work / "peers.safetensors"))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and len(sys.argv) == 2:
     main(Path(sys.argv[1]))
+
+
+def graph_main(work: Path) -> None:
+    """WORK holds model/ (a transformers folder), set/ (a transcoder set) and graph_inputs.safetensors ("ids" [p],
+    "budget", "batch"); writes graph.safetensors: circuit-tracer's adjacency, active and selected features,
+    logit tokens, and each phase's seconds (nnsight backend, float32)."""
+    import time
+
+    from circuit_tracer import attribute
+    from circuit_tracer.replacement_model import ReplacementModel
+    from circuit_tracer.utils.hf_utils import load_transcoders
+
+    inputs = load_file(str(work / "graph_inputs.safetensors"))
+    config = yaml.safe_load((work / "set" / "config.yaml").read_text())
+    dtype = torch.float64 if int(inputs.get("float64", torch.tensor(0))) else torch.float32
+    start = time.perf_counter()
+    transcoders = load_transcoders(config, device=torch.device("cpu"), dtype=dtype, lazy_decoder=False)
+    model = ReplacementModel.from_pretrained_and_transcoders(str(work / "model"), transcoders, backend="nnsight",
+                                                             device=torch.device("cpu"), dtype=dtype)
+    loaded = time.perf_counter()
+    budget = int(inputs["budget"])
+    graph = attribute(inputs["ids"], model, max_feature_nodes=budget or None, batch_size=int(inputs["batch"]))
+    done = time.perf_counter()
+    save_file({"adjacency": graph.adjacency_matrix.contiguous(), "active": graph.active_features.contiguous(),
+               "selected": graph.selected_features.contiguous(), "logit_tokens": torch.tensor(
+                   [int(getattr(t, "vocab_idx", t)) for t in graph.logit_targets]),
+               "seconds": torch.tensor([loaded - start, done - loaded])}, str(work / "graph.safetensors"))
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "graph":
+    graph_main(Path(sys.argv[2]))
