@@ -15,12 +15,14 @@ import torch
 import yaml
 
 from llamaviz import features, graphs
-from llamaviz.graphs.replacement import ReplacementRun, _eager
+from llamaviz.graphs.attribution import row_bytes
+from llamaviz.graphs.replacement import ReplacementRun
 
 from llamaviz.app.state import Run
 
 MAX_TOKENS = 64  # prompt tokens a graph is built for in the app: its adjacency is a dense nodes x nodes matrix
-MAX_FEATURES = 4000  # active features past which the build is refused (memory: (features + ...)^2 floats)
+MAX_FEATURE_NODES = 2000  # node budget: past it the most influential features are kept (as circuit-tracer does)
+MAX_ROW_BYTES = 2**30  # the rows a build holds (graphs.attribution.row_bytes); past it the build is refused
 BATCH = 32  # prompt copies per backward pass
 TOP_TOKENS = 5
 PICK_SET = ("pick a transcoder set: a folder with circuit-tracer's config.yaml + layer_{i}.safetensors "
@@ -127,17 +129,21 @@ def prepare(run: Run, path: str):
     ids = prompt_ids(run)
     with run.entry.lock, torch.no_grad():
         active = sum(int((acts[1:] > 0).sum()) for acts in ReplacementRun(run.entry.model, transcoders, ids).acts)
-    if active > MAX_FEATURES:
-        raise ValueError(f"{active} features are active on this prompt; the app builds graphs of at most "
-                         f"{MAX_FEATURES}: shorten the prompt or use a sparser transcoder set")
+    held = row_bytes(active, run.entry.model.config.num_hidden_layers, ids.shape[1], 10, MAX_FEATURE_NODES)
+    if held > MAX_ROW_BYTES:
+        raise ValueError(f"{active} features are active on these {ids.shape[1]} tokens: the graph's rows would take "
+                         f"{held / 2**20:.0f} MiB, over the app's {MAX_ROW_BYTES / 2**20:.0f} MiB; shorten the prompt "
+                         "or use a sparser transcoder set")
     return transcoders, ids, active
 
 
-def build(run: Run, path: str) -> Built:
-    """The attribution graph of the run's prompt (graphs.attribute): minutes on a CPU for long prompts."""
-    transcoders, ids, _ = prepare(run, path)
+def build(run: Run, path: str, prepared: tuple | None = None) -> Built:
+    """The attribution graph of the run's prompt (graphs.attribute): minutes on a CPU for long prompts.
+    `prepared`: what prepare(run, path) returned, when the caller has it already."""
+    transcoders, ids, active = prepared or prepare(run, path)
     with run.entry.lock:
-        graph = graphs.attribute(run.entry.model, transcoders, ids, batch=BATCH)
+        graph = graphs.attribute(run.entry.model, transcoders, ids, batch=BATCH,
+                                 max_feature_nodes=MAX_FEATURE_NODES if active > MAX_FEATURE_NODES else None)
     tokens = [run.entry.tokenizer.decode([int(i)]) for i in ids[0]]
     return Built(run.run_id, path, graph, tokens)
 
@@ -187,45 +193,21 @@ def loadings(run: Run, built: Built, source: int, target: int, top: int = 5) -> 
             "direct": found["direct"], "edge": found["edge"], "total": float(heads.sum()) + found["direct"]}
 
 
-def _edited_mlp(layer: int, tc, error: torch.Tensor, edits: dict):
-    """hook_mlp_out of the replacement: the transcoder on the live input, some features edited, plus the error."""
-    def replace(out, hook, live: dict):
-        acts = tc.encode(live[layer])  # [1, p, d_tc]
-        for (position, index), factor in edits.get(layer, {}).items():
-            acts[:, position, index] = acts[:, position, index] * factor
-        value = acts @ tc.W_dec + tc.b_dec + error
-        return value + live[layer] @ tc.W_skip.T if hasattr(tc, "W_skip") else value
-
-    return replace
-
-
 def intervene(run: Run, built: Built, nodes: list[int], factor: float, freeze: bool = True) -> dict:
-    """Top next tokens after the prompt before and after multiplying the feature nodes' activations by
-    `factor` (0 zeroes them). The MLPs are the transcoders (features recomputed downstream) plus each
-    layer's error on the prompt, so with no edit the logits are the model's own; with `freeze` the
-    attention patterns and norm scales stay at their values on the prompt."""
+    """Top next tokens after the prompt before and after setting the pinned feature nodes to `factor` x their
+    activation (0 zeroes them), by graphs.intervene: frozen (the prompt's replacement model, every other
+    feature, the attention patterns and norm scales fixed) or live (the model itself, which responds)."""
     graph, n_f = built.graph, len(built.graph.features)
     chosen = [i for i in nodes if i < n_f]
     if not chosen:
         raise ValueError("pin at least one feature node to intervene on (errors, tokens and logits cannot be set)")
-    edits: dict[int, dict] = {}
-    for index in chosen:
-        layer, position, feature = graph.features[index].tolist()
-        edits.setdefault(layer, {})[(position, feature)] = float(factor)
-    model, transcoders = run.entry.model, transcoder_set(built.path)
-    with run.entry.lock, torch.no_grad():
-        pieces = ReplacementRun(model, transcoders, graph.ids)
-        live: dict[int, torch.Tensor] = {}
-        hooks = [(name, lambda x, hook, v=value: v.expand_as(x)) for name, value in pieces.frozen.items()
-                 if freeze and name != "hook_embed"]
-        for layer, tc in enumerate(transcoders):
-            hooks.append((f"blocks.{layer}.mlp.hook_in", lambda x, hook, layer=layer: live.__setitem__(layer, x) or x))
-            replace = _edited_mlp(layer, tc, pieces.error[layer], edits)
-            hooks.append((f"blocks.{layer}.hook_mlp_out", lambda out, hook, r=replace: r(out, hook, live)))
-        with _eager(model), model.hooks(fwd_hooks=hooks):
-            after = model(graph.ids, return_type="logits")[0, -1]
-        before = pieces.logits[0, -1]
-    return {"before": top_tokens(run, before), "after": top_tokens(run, after), "nodes": chosen,
+    edits = [(*graph.features[i].tolist()[:2], int(graph.features[i, 2]), float(factor) * float(graph.activations[i]))
+             for i in chosen]
+    with run.entry.lock:
+        found = graphs.intervene(run.entry.model, transcoder_set(built.path), graph.ids, edits,
+                                 freeze_attention=bool(freeze), top=TOP_TOKENS)
+    decode = lambda rows: [(run.entry.tokenizer.decode([int(t)]), float(p)) for t, p in rows]  # noqa: E731
+    return {"before": decode(found["before"]), "after": decode(found["top"]), "nodes": chosen,
             "factor": float(factor), "frozen": bool(freeze)}
 
 

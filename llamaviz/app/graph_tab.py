@@ -55,7 +55,8 @@ def tab(c: dict, model_path: str | None) -> None:
             c["graph_mode"] = gr.Radio(["zero", "multiply"], value="zero", label="Intervene on pinned features",
                                        elem_id="graph-mode")
             c["graph_factor"] = gr.Number(2.0, label="x activation (multiply)", elem_id="graph-factor")
-            c["graph_freeze"] = gr.Checkbox(True, label="Freeze attention and norms", elem_id="graph-freeze")
+            c["graph_freeze"] = gr.Checkbox(True, label="Frozen replacement model", elem_id="graph-freeze",
+                                          info="patterns, norms and other features fixed; off: the live model")
             c["graph_intervene"] = gr.Button("Intervene", elem_id="graph-intervene")
         c["graph_intervention"] = gr.HTML(elem_id="graph-intervention")
 
@@ -73,7 +74,9 @@ def drawn(state, session: gx.GraphSession, threshold) -> dict:
     kept, drawn_edges = graph_svg.edge_count(built, pruned)
     scores = graphs.scores(built.graph)
     n_f = len(built.graph.features)
-    caption = (f"<p>{int(pruned.nodes[:n_f].sum())} of {n_f} features kept at node threshold {float(threshold):g}; "
+    active = built.graph.active_features
+    budget = f" (the {n_f} most influential of {active} active: node budget)" if active > n_f else ""
+    caption = (f"<p>{int(pruned.nodes[:n_f].sum())} of {n_f} features{budget} kept at node threshold {float(threshold):g}; "
                f"{kept} edges kept among the {len(shown)} nodes shown ({drawn_edges} strongest drawn); "
                f"replacement score {scores['replacement']:.3f}, completeness {scores['completeness']:.3f}.</p>")
     choices = [graph_svg.node_id(built.graph, i) for i in shown]
@@ -108,15 +111,16 @@ def build(state, session, path, threshold):
     respond = outputs(lambda result: result, SHOWN)
     try:
         run = current_run(state)
-        _, _, active = gx.prepare(run, path)
+        prepared = gx.prepare(run, path)
     except Exception as err:
         yield respond({"status": failure(err)})
         return
     result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(built=_try(gx.build, run, path)), daemon=True)
+    worker = threading.Thread(target=lambda: result.update(built=_try(gx.build, run, path, prepared)), daemon=True)
     started = time.perf_counter()
     worker.start()
-    passes = -(-active // gx.BATCH)
+    active = prepared[2]
+    passes = -(-(min(active, gx.MAX_FEATURE_NODES) + 10) // gx.BATCH)  # at most 10 logits
     while worker.is_alive():
         yield respond({"status": status(f"Building the graph: {active} active features, about {passes} backward "
                                         f"passes; {time.perf_counter() - started:.0f} s…")})
@@ -241,7 +245,7 @@ def intervene(state, session, mode, factor, freeze):
     after = "".join(f"<li>{_esc(t)} ({p:.3f})</li>" for t, p in found["after"])
     names = ", ".join(graph_svg.node_id(built.graph, i) for i in found["nodes"])
     page = (f'<div class="lv-graph-intervention"><p>{_esc(names)} x {factor:g}'
-            f"{' (attention and norms frozen)' if freeze else ''}</p><div style='display:flex;gap:3em'>"
+            f"{' (frozen replacement model)' if freeze else ' (live model)'}</p><div style='display:flex;gap:3em'>"
             f"<div><b>top tokens before</b><ol>{before}</ol></div><div><b>after</b><ol>{after}</ol></div></div></div>")
     return {"graph_intervention": page, "status": status("Intervened.", "ok")}
 

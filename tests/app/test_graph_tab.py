@@ -180,6 +180,10 @@ def test_bad_input_shows_a_message_and_the_tab_keeps_working(setup, tmp_path, mo
     monkeypatch.setattr(gx, "MAX_TOKENS", 4)
     message = last(state, session, folder, 0.8)["status"]
     assert is_error(message) and "at most 4" in message
+    monkeypatch.setattr(gx, "MAX_TOKENS", 64)
+    monkeypatch.setattr(gx, "MAX_ROW_BYTES", 1000)
+    message = last(state, session, folder, 0.8)["status"]
+    assert is_error(message) and "features are active on these 6 tokens" in message and "MiB" in message
     monkeypatch.undo()
     assert "Generate first" in last(BrowserState(), session, folder, 0.8)["status"]
     assert "build the graph first" in graph_tab.pin(state, session, "0_1_2", 0.8)["status"]
@@ -218,3 +222,15 @@ def test_a_feature_nodes_hover_reads_its_dashboard_when_the_set_has_one(setup, t
             break
     else:
         pytest.fail(f"no feature of layer {layer} is drawn")
+
+
+def test_past_the_node_budget_the_graph_keeps_the_librarys_most_influential_features(setup, monkeypatch):
+    model, folder, ids, graph, _ = setup
+    monkeypatch.setattr(gx, "MAX_FEATURE_NODES", 5)
+    _, session, shown = built(setup)
+    expected = graphs.attribute(model, features.load_transcoder_set(folder), ids[:, :PROMPT], batch=gx.BATCH,
+                                max_feature_nodes=5)
+    assert len(expected.features) == 5 < len(graph.features)
+    torch.testing.assert_close(session.built.graph.features, expected.features)
+    torch.testing.assert_close(session.built.graph.adjacency, expected.adjacency)
+    assert f"the 5 most influential of {len(graph.features)} active: node budget" in shown["graph_caption"]
