@@ -1,12 +1,29 @@
-"""TransformerLens' `utils` helpers that analysis code calls: get_act_name and test_prompt."""
+"""TransformerLens' `utils` helpers that analysis code calls: get_act_name, test_prompt, to_numpy, get_device."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from llamaviz.llama.names import get_act_name
 
-__all__ = ["get_act_name", "test_prompt"]
+__all__ = ["get_act_name", "get_device", "test_prompt", "to_numpy"]
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A tensor (detached, on the CPU), array, list or number as a numpy array."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.detach().cpu().numpy()
+    return np.asarray(tensor)
+
+
+def get_device() -> torch.device:
+    """cuda when present, else mps, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def test_prompt(prompt: str, answer: str | list[str], model, prepend_space_to_answer: bool = True,

@@ -16,7 +16,8 @@ _BLOCK = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in
 _NORM = ("scale", "normalized")
 _MODEL = ("embed", "logits")
 ACT_NAME_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "scores": "attn_scores", "key": "k",
-                    "query": "q", "value": "v", "mlp_pre": "pre", "mlp_post": "post", "mlp_pre_linear": "pre_linear"}
+                    "query": "q", "value": "v", "mlp_pre": "pre", "mlp_post": "post", "mlp_pre_linear": "pre_linear",
+                    "in": "resid_pre", "out": "resid_post"}  # in / out: a block's input and output
 LAYER_TYPE_ALIASES = {"a": "attn", "m": "mlp", "attention": "attn", "b": "", "block": "", "blocks": ""}
 SHORT_NAMES = (*_ATTN, *_MLP, *_BLOCK, *_NORM, *_MODEL, *ACT_NAME_ALIASES)
 

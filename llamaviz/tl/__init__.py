@@ -5,5 +5,6 @@ May import: every layer below it (it uses llama, run and features).
 """
 
 from llamaviz.tl.hooked import HookedSAETransformer, HookedTransformer
+from llamaviz.tl.root import HookedRootModule
 
-__all__ = ["HookedSAETransformer", "HookedTransformer"]
+__all__ = ["HookedRootModule", "HookedSAETransformer", "HookedTransformer"]

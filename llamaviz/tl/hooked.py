@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llamaviz.llama.hook_points import HookPoint
+from llamaviz.tl.conveniences import FaceConfig, TransformerLensDefaults, unembed_bias
 
 # weights of one layer under TransformerLens' names -> the model's stacked [L, ...] property
 _ATTN_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")
@@ -55,12 +56,14 @@ class Block(HookNamespace):
         self.ln2 = HookNamespace(model, f"blocks.{layer}.ln2.", layer)
 
 
-class HookedTransformer(nn.Module):
+class HookedTransformer(TransformerLensDefaults, nn.Module):
     """TransformerLens' HookedTransformer API on a llamaviz LlamaForCausalLM (or a family member).
 
     `HookedTransformer.from_pretrained(path)` (None = the default model) or `HookedTransformer(model)`
     around a model from llamaviz.load. Everything TransformerLens has on the model itself
-    (run_with_cache, run_with_hooks, hooks, to_tokens, W_Q, cfg, generate, ...) is the model's own.
+    (run_with_cache, run_with_hooks, hooks, to_tokens, W_Q, generate, ...) is the model's own, called
+    with TransformerLens' defaults where they differ (BOS prepended to text: cfg.default_prepend_bos;
+    generate samples): see llamaviz/tl/conveniences.py.
     """
 
     def __init__(self, model):
@@ -69,10 +72,11 @@ class HookedTransformer(nn.Module):
             raise TypeError(f"HookedTransformer wraps a llamaviz causal LM (llamaviz.load's model); "
                             f"got {type(model).__name__}")
         self.lm = model  # named lm: `face.model` is then the model's own LlamaModel, as code written for it expects
+        self.cfg = FaceConfig(model.config, model)
         self.blocks = nn.ModuleList(Block(model, layer) for layer in range(model.config.num_hidden_layers))
         self.ln_final = HookNamespace(model, "ln_final.")
         self.embed = _Weights(model, {"W_E": "W_E"})
-        self.unembed = _Weights(model, {"W_U": "W_U", "b_U": "b_U"})
+        self.unembed = _Weights(model, {"W_U": "W_U", "b_U": unembed_bias})
 
     @classmethod
     def from_pretrained(cls, path=None, **kwargs) -> HookedTransformer:
@@ -83,11 +87,11 @@ class HookedTransformer(nn.Module):
         return cls(model.eval())
 
     def forward(self, input, return_type: str | None = "logits", *, prepend_bos: bool | None = None,
-                stop_at_layer: int | None = None, **kwargs):
+                padding_side: str | None = None, stop_at_layer: int | None = None, **kwargs):
         """TransformerLens' forward: tokens [b, p] or text in; logits [b, p, v] by default, or "loss",
         "both", None; stop_at_layer=L gives the residual stream entering block L."""
-        return self.lm(input, return_type=return_type, prepend_bos=prepend_bos, stop_at_layer=stop_at_layer,
-                          **kwargs)
+        return self.lm(input, return_type=return_type, prepend_bos=self._bos(prepend_bos),
+                       padding_side=self._side(padding_side), stop_at_layer=stop_at_layer, **kwargs)
 
     @property
     def hook_embed(self) -> HookPoint:
@@ -108,7 +112,7 @@ class HookedTransformer(nn.Module):
 
 
 class _Weights(nn.Module):
-    """model.embed / model.unembed: their weights (W_E, W_U, b_U) from the model's views."""
+    """model.embed / model.unembed: their weights (W_E, W_U, b_U: zeros without a bias) from the model's views."""
 
     def __init__(self, model, weights: dict[str, str]):
         super().__init__()
@@ -117,7 +121,8 @@ class _Weights(nn.Module):
     def __getattr__(self, name: str):
         weights = self.__dict__.get("_weights", {})
         if name in weights:
-            return getattr(self.__dict__["_model_ref"][0], weights[name])
+            model, source = self.__dict__["_model_ref"][0], weights[name]
+            return source(model) if callable(source) else getattr(model, source)
         return super().__getattr__(name)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
