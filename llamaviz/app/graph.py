@@ -221,8 +221,3 @@ def checked_factor(value) -> float:
         raise ValueError(f"the factor must be a finite number; got {value!r}")
     return factor
 
-
-def top_tokens(run: Run, logits: torch.Tensor) -> list[tuple[str, float]]:
-    probs = logits.float().softmax(-1)
-    values, ids = probs.topk(TOP_TOKENS)
-    return [(run.entry.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
