@@ -10,10 +10,10 @@ Inside: replacement (the frozen model) <- attribution <- pruning <- export; qk (
 """
 
 from llamaviz.graphs.attribution import Graph, attribute
-from llamaviz.graphs.export import write_json
+from llamaviz.graphs.export import read_json, write_json
 from llamaviz.graphs.heads import head_loadings
 from llamaviz.graphs.interventions import generate_with, intervene, live_logits
 from llamaviz.graphs.pruning import Pruned, prune, scores
 from llamaviz.graphs.qk import qk_attribution
 
-__all__ = ["Graph", "Pruned", "attribute", "generate_with", "head_loadings", "intervene", "live_logits", "prune", "qk_attribution", "scores", "write_json"]
+__all__ = ["Graph", "Pruned", "attribute", "generate_with", "head_loadings", "intervene", "live_logits", "prune", "qk_attribution", "read_json", "scores", "write_json"]
