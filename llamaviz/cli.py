@@ -1,4 +1,4 @@
-"""The `llamaviz` command (also `python -m llamaviz`): mask | run | app | features train.
+"""The `llamaviz` command (also `python -m llamaviz`): mask | run | app | features train | graph.
 
 Bad input (a missing model, an empty text, a layer out of range, an unknown task) ends with one line
 on stderr, `llamaviz: error: ...`, and exit status 2, never a traceback. Set LLAMAVIZ_DEBUG=1 to see
@@ -38,6 +38,9 @@ def build_parser() -> Parser:
     _add_run(commands)
     _add_app(commands)
     _add_features(commands)
+    from llamaviz.graphs import command as graph_command  # `llamaviz graph`
+
+    graph_command.add_parser(commands)
     return parser
 
 
@@ -141,6 +144,15 @@ def _add_features(commands) -> None:
     _add_model(show)
     show.add_argument("--dictionary", required=True, metavar="DIR", help="a folder with dashboards.safetensors")
     show.add_argument("--feature", type=int, required=True, help="the feature's index")
+    defaults = actions.add_parser("defaults", help="train the default model's dictionaries (SAEs + a transcoder set)",
+                                  description="One streamed pass over Python's own documentation trains residual SAEs "
+                                  "at a few layers and a transcoder set, into model/dictionaries (or --out). Ctrl-C "
+                                  "finishes the chunk in hand and writes a checkpoint; --resume continues.")
+    _add_model(defaults)
+    defaults.add_argument("--out", metavar="DIR", help="where to write them (default: model/dictionaries)")
+    defaults.add_argument("--tokens", type=int, default=240_000, help="tokens to train on (default 240,000)")
+    defaults.add_argument("--layers", default="5,15,25", help="layers of the residual SAEs (default 5,15,25)")
+    defaults.add_argument("--resume", action="store_true", help="continue from DIR's checkpoint")
 
 
 def _add_model(parser) -> None:
@@ -267,6 +279,8 @@ def _model_path(path):
 def run_features(args) -> int:
     from llamaviz.features import terminal_view, train
 
+    if args.action == "defaults":
+        return _train_defaults(args)
     if args.action != "train":
         return terminal_view.run(args.action, _model_path(args.model), args)
 
@@ -279,7 +293,24 @@ def run_features(args) -> int:
     return 0 if summary["status"] == "done" else 130
 
 
-COMMANDS = {"mask": run_mask, "run": run_generation, "app": run_app, "features": run_features}
+def _train_defaults(args) -> int:
+    from llamaviz.features import defaults
+
+    try:
+        layers = tuple(int(x) for x in args.layers.split(","))
+    except ValueError:
+        raise UsageError(f"--layers {args.layers!r}: comma-separated layer numbers, e.g. 5,15,25") from None
+    summary = defaults.build(model=_model_path(args.model), out=args.out, tokens=args.tokens, resume=args.resume,
+                             sae_layers=layers)
+    print(f"status: {summary['status']}\nout: {summary['out']}\nwindows: {summary['windows']}")
+    for name, scores in summary["scores"].items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k in ("explained variance", "L0", "ce loss score"))
+        print(f"{name}: {shown}")
+    return 0 if summary["status"] == "done" else 130
+
+
+COMMANDS = {"mask": run_mask, "run": run_generation, "app": run_app, "features": run_features,
+            "graph": lambda args: __import__("llamaviz.graphs.command", fromlist=["run"]).run(args)}
 
 
 def main(argv: list[str] | None = None) -> int:
