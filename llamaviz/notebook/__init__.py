@@ -13,6 +13,7 @@ views, explain, features (show_features, show_feature, steer); this file only re
 from llamaviz.notebook.attention import (show_attention, show_head_grid, show_logit_lens, show_resid_norms,
                                          show_tokens)
 from llamaviz.notebook.features import feature_table, show_feature, show_features, steer
+from llamaviz.notebook.graphs import show_graph
 from llamaviz.notebook.explain import open_patching, show_dla, show_flow, show_patching, show_saliency
 from llamaviz.notebook.runs import (LONG_PREFILL, OFFLINE_RENDERERS, OfflineNotebookRenderer, Run, _resid_names,
                                     encode, enable_offline, logit_lens_table, resid_norm_table, run,
@@ -25,4 +26,4 @@ __all__ = ["LONG_PREFILL", "OFFLINE_RENDERERS", "OfflineNotebookRenderer", "Run"
            "open_view", "read_view", "resid_norm_table", "run", "save_html", "show_attention", "show_dla",
            "show_flow", "show_head_grid", "show_logit_lens", "show_patching", "show_resid_norms",
            "show_saliency", "show_tokens", "token_logprob_table", "feature_table", "show_feature", "show_features",
-           "steer"]
+           "steer", "show_graph"]
