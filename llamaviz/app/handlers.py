@@ -154,11 +154,15 @@ def prefill_status(prefill, prompt_length: int, allowed: int) -> str:
 
 
 def stop(state):
-    """Ask the running generation to stop after its current token."""
+    """Ask the running generation to stop after its current token.
+
+    The status line is left to the generation, which ends with "Stopped: ..." after that token: this event is
+    not queued, so a line written here could arrive after the generation's last one and hide it.
+    """
     if not isinstance(state, BrowserState) or not state.generating:
         return status("Nothing is generating.")
     state.stop.set()
-    return status("Stopping after the current token…")
+    return gr.skip()
 
 
 # ---------------------------------------------------------------- attention tab
