@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: app test setup browser clean peers
+.PHONY: app test setup browser clean peers dictionaries
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ $(PEERS)/.installed:
 	touch $@
 
 peers: $(PEERS)/.installed
+
+# The default model's dictionaries (residual SAEs + a transcoder set) in model/dictionaries, one streamed pass over
+# Python's own documentation (see README, "Default dictionaries"). Ctrl-C checkpoints; rerunning resumes.
+model/dictionaries/transcoders/config.yaml: $(VENV)/.installed
+	$(PY) -m llamaviz features defaults --resume
+
+dictionaries: setup model/dictionaries/transcoders/config.yaml
 
 clean:
 	rm -rf $(VENV) $(PEERS) model/.linked

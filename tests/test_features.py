@@ -57,7 +57,7 @@ def reference(d: Dictionary, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
             acts = pre.clamp(min=0)
     decoded = (acts / d.W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else acts) @ d.W_dec + d.b_dec
     out = decoded / scale + shift if undo is None else decoded * undo + shift
-    if cfg.architecture == "skip_transcoder":
+    if cfg.architecture in ("skip_transcoder", "jumprelu_skip_transcoder"):
         out = out + x @ d.W_skip.T
     return acts, out
 
@@ -66,7 +66,8 @@ CASES = [("standard", {}), ("topk", {"k": 7}), ("topk", {"k": 5, "rescale_acts_b
          ("jumprelu", {}), ("gated", {}), ("standard", {"normalize_activations": "constant_norm_rescale"}),
          ("standard", {"normalize_activations": "layer_norm"}), ("standard", {"apply_b_dec_to_input": False}),
          ("transcoder", {"apply_b_dec_to_input": False}), ("skip_transcoder", {"apply_b_dec_to_input": False}),
-         ("jumprelu_transcoder", {"apply_b_dec_to_input": False})]
+         ("jumprelu_transcoder", {"apply_b_dec_to_input": False}),
+         ("jumprelu_skip_transcoder", {"apply_b_dec_to_input": False})]
 
 
 @pytest.mark.parametrize("architecture, cfg", CASES)

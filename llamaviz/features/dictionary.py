@@ -132,7 +132,10 @@ ARCHITECTURES = {  # architecture -> activation(dictionary, pre) -> acts
     "transcoder": lambda d, pre: pre.relu(),
     "skip_transcoder": lambda d, pre: pre.relu(),
     "jumprelu_transcoder": lambda d, pre: pre.relu() * (pre > d.threshold),
+    "jumprelu_skip_transcoder": lambda d, pre: pre.relu() * (pre > d.threshold),
 }
+SKIP = ("skip_transcoder", "jumprelu_skip_transcoder")  # architectures with W_skip
+TRANSCODERS = ("transcoder", "jumprelu_transcoder") + SKIP
 
 
 class Dictionary(nn.Module):
@@ -156,12 +159,12 @@ class Dictionary(nn.Module):
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out))  # [d_sae, d_out]
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
-        if cfg.architecture in ("jumprelu", "jumprelu_transcoder"):
+        if cfg.architecture.startswith("jumprelu"):
             self.threshold = nn.Parameter(torch.zeros(d_sae))
         if cfg.architecture == "gated":
             self.b_gate, self.b_mag, self.r_mag = (nn.Parameter(torch.zeros(d_sae)) for _ in range(3))
             del self.b_enc  # gated SAEs have b_gate and b_mag instead
-        if cfg.architecture == "skip_transcoder":
+        if cfg.architecture in SKIP:
             self.W_skip = nn.Parameter(torch.zeros(d_out, d_in))  # [d_out, d_in]
         for name in SAE_HOOKS:
             setattr(self, name, HookPoint())
@@ -213,7 +216,7 @@ class Dictionary(nn.Module):
         if self._norm is not None and self.cfg.normalize_activations != "none":
             shift, factor = self._norm
             out = out * factor + shift
-        if self.cfg.architecture == "skip_transcoder":
+        if self.cfg.architecture in SKIP:
             if x is None:
                 raise ValueError("a skip transcoder decodes with its input: decode(acts, x)")
             out = out + x.to(self.W_skip.dtype) @ self.W_skip.T

@@ -8,6 +8,7 @@ the dictionary's metadata and printed.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +20,9 @@ from llamaviz.features.attach import attached
 from llamaviz.features.dictionary import Dictionary, DictionaryConfig
 from llamaviz.features.harvest import harvest, open_harvest
 from llamaviz.features.saelens_files import save
+from llamaviz.features.stream import StreamedRun, Target, capture, plan as make_plan
 from llamaviz.features.training import TrainConfig, Trainer
+from llamaviz.features.transcoder_set import TranscoderSet, save_transcoder_set
 
 HELD_OUT = 0.05  # fraction of the harvested tokens kept for evaluation
 
@@ -47,6 +50,40 @@ def train_dictionary(model, tokenizer, windows: torch.Tensor, hook: str, out, cf
         dictionary.cfg.metadata["training"] = asdict(cfg) | {"tokens": int(split)}
         save(dictionary, out, sparsity=scores["log10 frequency"])
     return dictionary, status
+
+
+def train_streamed(model, tokenizer, windows: torch.Tensor, targets: list[Target], out, resume: bool = False,
+                   keep_special: bool = False, progress: bool = True, chunk_windows: int = 64,
+                   transcoder_set: str | None = None, on_chunk=None) -> tuple[dict, str]:
+    """({name: dictionary}, status) of one streamed pass training every target (stream.py); each dictionary is
+    saved as out/<name> (SAELens's folder), and targets named f"{transcoder_set}/layer_{L}" also as one
+    circuit-tracer set at out/<transcoder_set>. Held-out scores go into the metadata."""
+    out = Path(out)
+    the_plan = make_plan(tokenizer, windows, chunk_windows, keep_special)
+    run_ = StreamedRun(model, targets, the_plan, out)
+    status = run_.run(resume, progress, on_chunk)
+    if status != "done":
+        return {}, status
+    held = the_plan.held_out[:16]
+    acts = capture(model, held, the_plan.held_keep[:16], run_.hooks)
+    done = {}
+    for target in targets:
+        dictionary = to_dictionary(run_.trainers[target.name], target.hook, target.hook_out, model)
+        x, y = acts[target.hook].numpy(), acts[target.hook_out or target.hook].numpy()
+        scores = evaluate(dictionary, x, y)
+        if target.hook_out is None:
+            scores |= evaluate_in_model(model, dictionary, held[:8])
+        dictionary.cfg.metadata["evaluation"] = {k: v for k, v in scores.items() if k != "log10 frequency"}
+        dictionary.cfg.metadata["training"] = asdict(run_.trainers[target.name].cfg) | {
+            "tokens": int(the_plan.keep.sum()), "streamed": True}
+        save(dictionary, out / target.name, sparsity=scores["log10 frequency"])
+        done[target.name] = dictionary
+    if transcoder_set is not None:
+        layers = [done[t.name] for t in targets if t.name.startswith(f"{transcoder_set}/")]
+        tc = TranscoderSet(layers, str(getattr(model, "name_or_path", "")))
+        save_transcoder_set(tc, out / transcoder_set)
+        (out / transcoder_set / "evaluation.json").write_text(json.dumps(evaluate_in_model(model, tc, held[:8]), indent=2))
+    return done, status
 
 
 def run(trainer: Trainer, checkpoints: Path, progress: bool = True) -> str:
@@ -79,7 +116,7 @@ def to_dictionary(trainer: Trainer, hook: str, hook_out: str | None, model) -> D
     s_in, s_out, cfg = trainer.scale_in, trainer.scale_out, trainer.cfg
     architecture = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}[cfg.architecture]
     if hook_out:
-        architecture = "jumprelu_transcoder" if architecture == "jumprelu" else "skip_transcoder"
+        architecture = "jumprelu_skip_transcoder" if architecture == "jumprelu" else "skip_transcoder"
     d_in, d_out = p["W_enc"].shape[0], p["W_dec"].shape[1]
     dictionary = Dictionary(DictionaryConfig(
         architecture=architecture, d_in=d_in, d_sae=cfg.width, hook_name=hook, d_out=d_out if hook_out else None,
@@ -117,16 +154,16 @@ def evaluate(dictionary: Dictionary, x: np.ndarray, y: np.ndarray, batch: int = 
             "log10 frequency": frequency.clamp(min=1e-10).log10()}
 
 
-def evaluate_in_model(model, dictionary: Dictionary, windows: torch.Tensor) -> dict:
-    """SAELens's CE loss score and KL score against zero ablation, and the loss with the dictionary spliced in."""
-    cfg = dictionary.cfg
-    target = cfg.hook_name_out or cfg.hook_name
+def evaluate_in_model(model, dictionary: Dictionary | TranscoderSet, windows: torch.Tensor) -> dict:
+    """SAELens's CE loss score and KL score against zero ablation, and the loss with the dictionary spliced in
+    (a transcoder set: every layer spliced in at once, against zeroing every MLP's output)."""
+    cfgs = [d.cfg for d in dictionary] if isinstance(dictionary, TranscoderSet) else [dictionary.cfg]
+    zero = [(cfg.hook_name_out or cfg.hook_name, lambda x, hook: torch.zeros_like(x)) for cfg in cfgs]
     with torch.no_grad():
         clean = model(windows, return_type="logits").log_softmax(-1)
         with attached(model, dictionary):
             spliced = model(windows, return_type="logits").log_softmax(-1)
-        zero = model.run_with_hooks(windows, return_type="logits",
-                                    fwd_hooks=[(target, lambda x, hook: torch.zeros_like(x))]).log_softmax(-1)
+        zero = model.run_with_hooks(windows, return_type="logits", fwd_hooks=zero).log_softmax(-1)
     nxt = windows[:, 1:, None]
 
     def ce(logp):

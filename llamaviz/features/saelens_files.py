@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llamaviz.features.dictionary import ARCHITECTURES, NORMALIZATIONS, RESHAPES, Dictionary, DictionaryConfig
+from llamaviz.features.dictionary import (ARCHITECTURES, NORMALIZATIONS, RESHAPES, TRANSCODERS, Dictionary,
+                                         DictionaryConfig)
 from llamaviz.features.file_checks import check_folder, check_safetensors, inside, read_text
 
 CONFIG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
@@ -56,8 +57,7 @@ def read_config(folder: Path) -> DictionaryConfig:
         architecture=architecture, d_in=raw["d_in"], d_sae=raw["d_sae"], hook_name=metadata.pop("hook_name", "") or "",
         d_out=raw.get("d_out"), hook_name_out=metadata.pop("hook_name_out", None), k=raw.get("k"),
         rescale_acts_by_decoder_norm=bool(raw.get("rescale_acts_by_decoder_norm", False)),
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", architecture not in ("transcoder",
-                                  "skip_transcoder", "jumprelu_transcoder"))),
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", architecture not in TRANSCODERS)),
         normalize_activations=raw.get("normalize_activations", "none") or "none",
         reshape_activations=raw.get("reshape_activations", "none") or "none", metadata=metadata)
 

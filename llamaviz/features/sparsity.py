@@ -3,6 +3,8 @@
 topk keeps each row's k largest pre-activations (ReLU'd); batch_topk keeps the k x rows largest of the
 whole batch; jump_relu zeroes pre <= threshold, and `step` counts active latents for the L0 penalty,
 both with a straight-through rectangle-kernel gradient for the threshold (bandwidth BANDWIDTH).
+`decode` multiplies sparse activations by the decoder touching only the active latents' rows (forward
+and backward), the same numbers as the dense product.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     flat = acts.flatten()
     kept = flat.topk(min(k * pre.shape[0], flat.numel())).indices
     return torch.zeros_like(flat).scatter(0, kept, flat[kept]).view_as(acts)
+
+
+def decode(acts: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """acts [b, w] @ W_dec [w, d] read from the non-zero entries only (an embedding bag over the active rows)."""
+    rows, cols = acts.nonzero(as_tuple=True)
+    offsets = torch.zeros(acts.shape[0], dtype=torch.long, device=acts.device)
+    offsets[1:] = torch.bincount(rows, minlength=acts.shape[0]).cumsum(0)[:-1]
+    return torch.nn.functional.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=acts[rows, cols])
 
 
 class _JumpReLU(torch.autograd.Function):

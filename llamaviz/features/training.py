@@ -5,7 +5,8 @@ Inputs are scaled to an average norm of sqrt(d) while training and the scale is 
 weights at the end, so the saved dictionary reads raw activations. Batches are a seeded permutation
 of the tokens indexed by step, so a run resumed from its checkpoint ends with the weights an
 uninterrupted run has. A checkpoint (safetensors + JSON, no pickle) is written every
-`checkpoint_every` steps and on Ctrl-C.
+`checkpoint_every` steps and on Ctrl-C. A streamed run (stream.py) hands each step its batch instead.
+TopK and BatchTopK decode through the active latents only (sparsity.decode), forward and backward.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class Trainer:
         return pre, pre.relu()
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = acts @ self.params["W_dec"] + self.params["b_dec"]
+        sparse_acts = self.cfg.architecture in ("topk", "batchtopk")
+        out = (sparse.decode(acts, self.params["W_dec"]) if sparse_acts else acts @ self.params["W_dec"]) + self.params["b_dec"]
         return out + x @ self.params["W_skip"].T if self.skip else out
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -134,7 +136,7 @@ class Trainer:
             return pre.new_zeros(())
         k = min(self.cfg.aux_k, int(dead.sum()))
         acts = sparse.topk(pre.masked_fill(~dead, -math.inf), k).nan_to_num(0.0)
-        recon = acts @ self.params["W_dec"]
+        recon = sparse.decode(acts, self.params["W_dec"])
         return (recon - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean().clamp(min=1e-12)
 
     def learning_rate(self, step: int) -> float:
@@ -146,8 +148,13 @@ class Trainer:
             return cfg.lr * max(0.0, (total - step) / max(1, total - decay_from))
         return cfg.lr
 
-    def train_step(self) -> dict:
-        x, y = self.batch(self.step)
+    def train_step(self, batch: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+        """One step on batch (raw x, y activations) or, without one, on the step's slice of the harvest."""
+        if batch is None:
+            x, y = self.batch(self.step)
+        else:
+            x = torch.as_tensor(batch[0], dtype=torch.float32) * self.scale_in
+            y = x if not self.transcoder else torch.as_tensor(batch[1], dtype=torch.float32) * self.scale_out
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
         loss, stats = self.loss(x, y)
@@ -169,7 +176,8 @@ class Trainer:
         tensors |= {"unfired": self.unfired, "threshold": self.threshold.reshape(1)}
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "checkpoint.tmp"))
-        (folder / "checkpoint.json.tmp").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}))
+        (folder / "checkpoint.json.tmp").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg),
+                                                                      "scales": [self.scale_in, self.scale_out]}))
         (folder / "checkpoint.tmp").replace(folder / "checkpoint.safetensors")  # atomic: kill -9 keeps the last one
         (folder / "checkpoint.json.tmp").replace(folder / "checkpoint.json")
 
@@ -186,6 +194,7 @@ class Trainer:
             self.optimizer.state[p] = {key.split(".", 2)[2]: value for key, value in tensors.items()
                                        if key.startswith(f"adam.{index}.")}
         self.unfired, self.threshold, self.step = tensors["unfired"], tensors["threshold"][0], info["step"]
+        self.scale_in, self.scale_out = info.get("scales", [self.scale_in, self.scale_out])
 
 
 def _scale(values: np.ndarray) -> float:

@@ -57,10 +57,10 @@ class TranscoderSet(nn.Module):
 def transcoder(layer: int, d_model: int, d_tc: int, activation: str = "relu", skip: bool = True,
                k: int | None = None) -> Dictionary:
     """An empty transcoder of one layer reading blocks.L.mlp.hook_in and writing blocks.L.hook_mlp_out."""
-    architecture = {"relu": "skip_transcoder" if skip else "transcoder", "jumprelu": "jumprelu_transcoder",
-                    "topk": "topk"}[activation]
-    if activation == "jumprelu" and skip:
-        raise ValueError("a JumpReLU transcoder with a skip path is not a SAELens architecture; use relu with skip")
+    architecture = {"relu": "skip_transcoder" if skip else "transcoder",
+                    "jumprelu": "jumprelu_skip_transcoder" if skip else "jumprelu_transcoder", "topk": "topk"}[activation]
+    if activation == "topk" and skip:
+        raise ValueError("a TopK transcoder with a skip path is not a SAELens architecture; use relu or jumprelu")
     return Dictionary(DictionaryConfig(architecture=architecture, d_in=d_model, d_sae=d_tc,
                                        hook_name=f"blocks.{layer}.{INPUT_HOOK}", d_out=d_model,
                                        hook_name_out=f"blocks.{layer}.{OUTPUT_HOOK}", k=k,
