@@ -50,6 +50,8 @@ def graph_main(work: Path) -> None:
     """WORK holds model/ (a transformers folder), set/ (a transcoder set) and graph_inputs.safetensors ("ids" [p],
     "budget", "batch"); writes graph.safetensors: circuit-tracer's adjacency, active and selected features,
     logit tokens, and each phase's seconds (nnsight backend, float32)."""
+    import os
+    import resource
     import time
 
     from circuit_tracer import attribute
@@ -65,8 +67,10 @@ def graph_main(work: Path) -> None:
                                                              device=torch.device("cpu"), dtype=dtype)
     loaded = time.perf_counter()
     budget = int(inputs["budget"])
-    graph = attribute(inputs["ids"], model, max_feature_nodes=budget or None, batch_size=int(inputs["batch"]))
+    graph = attribute(inputs["ids"], model, max_feature_nodes=budget or None, batch_size=int(inputs["batch"]),
+                      verbose=bool(os.environ.get("PEERS_VERBOSE")))  # the benchmark reads its phase lines
     done = time.perf_counter()
+    print(f"peak_mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
     save_file({"adjacency": graph.adjacency_matrix.contiguous(), "active": graph.active_features.contiguous(),
                "selected": graph.selected_features.contiguous(), "logit_tokens": torch.tensor(
                    [int(getattr(t, "vocab_idx", t)) for t in graph.logit_targets]),

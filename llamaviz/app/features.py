@@ -287,11 +287,10 @@ def dashboard_html(run: Run, path: str, feature) -> str:
             f"<p>promotes: {promoted}</p><p>suppresses: {suppressed}</p><h5>Top contexts</h5>{''.join(contexts)}</div>")
 
 
-def steered(run: Run, path: str, feature, scale: float, position, new_tokens: int = 24) -> tuple[str, str]:
-    """(plain, steered) continuations of the run's prompt: scale x the feature's decoder row added from position on."""
+def steering_hook(run: Run, path: str, feature, scale: float, position) -> tuple[str, object]:
+    """(hook name, fn) adding scale x the feature's decoder row to what the dictionary writes, from `position` on."""
     feature, sae = check_feature(path, feature), dictionary(path)
     position = check_position(run, position)
-    prompt = run.ids[:, :run.prompt_length]
     direction = float(scale) * sae.W_dec[feature].detach()
 
     def add(x, hook):
@@ -301,10 +300,17 @@ def steered(run: Run, path: str, feature, scale: float, position, new_tokens: in
             return x
         return x + direction.to(x.dtype)  # every generated token
 
+    return sae.cfg.hook_name_out or sae.cfg.hook_name, add
+
+
+def steered(run: Run, path: str, feature, scale: float, position, new_tokens: int = 24) -> tuple[str, str]:
+    """(plain, steered) continuations of the run's prompt: scale x the feature's decoder row added from position on."""
+    hook = steering_hook(run, path, feature, scale, position)
+    prompt = run.ids[:, :run.prompt_length]
     model, tok = run.entry.model, run.entry.tokenizer
     with run.entry.lock, torch.no_grad():
         plain = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
-        with model.hooks(fwd_hooks=[(sae.cfg.hook_name_out or sae.cfg.hook_name, add)]):
+        with model.hooks(fwd_hooks=[hook]):
             pushed = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
     decode = lambda ids: tok.decode(ids[0, prompt.shape[1]:].tolist())  # noqa: E731
     return decode(plain), decode(pushed)

@@ -57,7 +57,7 @@ def _stop_layer(hook: str, layers: int) -> int | None:
     return None
 
 
-def logit_effects(model, dictionary: Dictionary, count: int = EFFECTS, chunk: int = 1024) -> dict[str, torch.Tensor]:
+def logit_effects(model, dictionary: Dictionary, count: int = EFFECTS, chunk: int = 256) -> dict[str, torch.Tensor]:
     """Top and bottom `count` tokens of each feature's decoder row through norm weight and unembedding."""
     weight, unembed = model.model.norm.weight.detach().float(), model.lm_head.weight.detach().float()  # [m], [v, m]
     out = {key: [] for key in ("promoted_ids", "promoted_values", "suppressed_ids", "suppressed_values")}
@@ -271,12 +271,12 @@ def export_json(path, dashboards: DashboardFile, indices, tokenizer, model_id: s
     return path
 
 
-def memory_bound(features: int, context: int, l0: int | None = None) -> int:
+def memory_bound(features: int, context: int, l0: int | None = None, vocab: int = 0) -> int:
     """Bytes the build holds at most besides the model's own forward: one batch of dense activations, its
     non-zero entries (l0 per token, at most `features`: indices, keys, values and the merge's sort), the
-    running state, and the contexts with their lookups."""
+    running state, the contexts with their lookups, and one chunk of logit effects [256, vocab]."""
     tokens, l0 = BATCH * context, features if l0 is None else min(l0, features)
     batch = tokens * features * 4 + tokens * l0 * (8 + 8 + 8 + 4 + 4 + 8 + 8 * 3)
     kept = features * (TOP + INTERVALS * SAMPLES)
     state = kept * (4 + 8) * 2 + features * (BINS + 1) * 4
-    return batch + state + kept * (2 * RADIUS + 1) * (8 + 4 + 8 * 4)
+    return batch + state + kept * (2 * RADIUS + 1) * (8 + 4 + 8 * 4) + 256 * vocab * 4 * 2

@@ -110,13 +110,16 @@ class _Rows:
         self.logit_directions = unembed[self.logit_tokens] - unembed.mean(0)  # [n_l, m]
 
     def ranking(self, count: int) -> list[int]:
-        """The next `count` unvisited features: in position order when all are kept, else by partial influence."""
+        """The next `count` unvisited features (all of them in order, or the top by partial influence), by position."""
         left = int(self.budget - self.visited.sum())
         if self.budget == self.n_f:
             order = torch.argsort(self.active[:, 1] * (self.run.layers + 1) + self.active[:, 0], stable=True)
         else:
             order = torch.argsort(self.partial_influence()[: self.n_f], descending=True, stable=True)
-        return order[~self.visited[order]][: min(count, left)].tolist()
+        chosen = order[~self.visited[order]][: min(count, left)]
+        # by position, then layer: a batch of nearby targets visits fewer positions and layers (same rows)
+        key = self.active[chosen, 1] * (self.run.layers + 1) + self.active[chosen, 0]
+        return chosen[torch.argsort(key, stable=True)].tolist()
 
     def partial_influence(self) -> torch.Tensor:
         """[width]: influence on the logits through the rows so far (circuit-tracer's ranking)."""
