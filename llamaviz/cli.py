@@ -150,7 +150,7 @@ def _add_features(commands) -> None:
                                   "finishes the chunk in hand and writes a checkpoint; --resume continues.")
     _add_model(defaults)
     defaults.add_argument("--out", metavar="DIR", help="where to write them (default: model/dictionaries)")
-    defaults.add_argument("--tokens", type=int, default=240_000, help="tokens to train on (default 240,000)")
+    defaults.add_argument("--tokens", type=int, default=150_000, help="tokens to train on (default 150,000)")
     defaults.add_argument("--layers", default="5,15,25", help="layers of the residual SAEs (default 5,15,25)")
     defaults.add_argument("--resume", action="store_true", help="continue from DIR's checkpoint")
 

@@ -65,8 +65,9 @@ class RunActs(NamedTuple):
 
 
 def found_dictionaries(model_path: str | None) -> list[str]:
-    """SAELens folders (cfg.json) in the app's checkpoints folder (models.model_dir()) and beside the checkpoint."""
-    roots = {models.model_dir()}
+    """SAELens folders (cfg.json) in the app's checkpoints folder (models.model_dir()), its dictionaries/ (where
+    `llamaviz features defaults` writes) and beside the checkpoint."""
+    roots = {models.model_dir(), models.model_dir() / "dictionaries"}
     if model_path:
         checkpoint = Path(model_path)
         roots |= {checkpoint.parent, checkpoint.resolve().parent}

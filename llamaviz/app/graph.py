@@ -18,6 +18,7 @@ from llamaviz import features, graphs
 from llamaviz.graphs.attribution import row_bytes
 from llamaviz.graphs.replacement import ReplacementRun
 
+from llamaviz.app import models
 from llamaviz.app.state import Run
 
 MAX_TOKENS = 64  # prompt tokens a graph is built for in the app: its adjacency is a dense nodes x nodes matrix
@@ -33,7 +34,7 @@ _SETS: dict[str, object] = {}
 def found_transcoder_sets(model_path: str | None) -> list[str]:
     """Folders holding a transcoder set (config.yaml with model_kind: transcoder_set) under model/ and
     beside the checkpoint, one or two levels down (model/dictionaries/transcoders)."""
-    roots = {Path("model")}
+    roots = {models.model_dir()}  # model/dictionaries/transcoders (the default set) is one of */*/config.yaml
     if model_path:
         roots |= {Path(model_path).parent, Path(model_path).parent.parent}
     configs = {cfg for root in roots if root.is_dir() for pattern in ("*/config.yaml", "*/*/config.yaml")
