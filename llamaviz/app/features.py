@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from llamaviz import features
+from llamaviz.features import analysis
 from llamaviz.features import dashboards
 from llamaviz.plots.tokens import display_token
 
@@ -347,36 +348,25 @@ def ablation(run: Run, path: str, chosen: list[int], positions: list[int] | None
 
 def attribution(run: Run, path: str, position, foil_id: int | None = None, exact: int = 5) -> list[dict]:
     """Active features ranked by activation x gradient of the answer's logit (minus the foil's), the exact
-    ablation effect of the `exact` largest beside the estimate."""
+    ablation effect of the `exact` largest beside the estimate (features.analysis, the library's one path)."""
     sae, at = dictionary(path), check_position(run, position)
-    answer = int(run.ids[0, at + 1]) if at + 1 < run.ids.shape[1] else None
     model = run.entry.model
-    held = {}
-
-    def keep(acts, hook):
-        acts.retain_grad()
-        held["acts"] = acts
-        return acts
-
     with run.entry.lock:
-        logits = _logits_with(run, sae, keep)[at]
-        answer = int(logits.argmax()) if answer is None else answer
-        metric = logits[answer] - (logits[foil_id] if foil_id is not None else 0)
-        metric.backward()
-        acts, grads = held["acts"][0].detach(), held["acts"].grad[0]
-        model.zero_grad(set_to_none=True)
-        estimate = (acts * grads)[: at + 1]  # [p, F]: later tokens cannot move this logit
-        values, flat = estimate.flatten().abs().topk(min(20, int((estimate != 0).sum())))
-        rows = [{"feature": int(i % acts.shape[1]), "position": int(i // acts.shape[1]),
-                 "estimate": float(estimate.flatten()[i])} for i in flat.tolist()]
-        with torch.no_grad():
-            for row in rows[:exact]:
-                def zero(a, hook, row=row):
-                    a = a.clone()
-                    a[0, row["position"], row["feature"]] = 0.0
-                    return a
-                edited = _logits_with(run, sae, zero)[at]
-                row["exact"] = float(metric) - float(edited[answer] - (edited[foil_id] if foil_id is not None else 0))
+        if at + 1 < run.ids.shape[1]:
+            answer = int(run.ids[0, at + 1])
+        else:
+            with torch.no_grad():
+                answer = int(_logits_with(run, sae)[at].argmax())
+
+        def metric(logits):  # later tokens cannot move this logit: their scores are zero
+            return logits[0, at, answer] - (logits[0, at, foil_id] if foil_id is not None else 0)
+
+        result = analysis.feature_attribution(model, run.ids, sae, metric)
+        rows = [{"feature": feature, "position": position, "estimate": score}
+                for _, position, feature, score in result.top(20)]
+        effects = analysis.ablation_effects(model, run.ids, sae, metric, result.top_cells(exact)) if exact else []
+    for row, effect in zip(rows, effects):
+        row["exact"] = float(effect)
     return rows
 
 
