@@ -181,3 +181,24 @@ def test_training_on_the_default_model_end_to_end(tmp_path):
     sae = features.load(tmp_path / "sae")
     assert sae.cfg.metadata["evaluation"]["L0"] <= 16 and "ce loss score" in sae.cfg.metadata["evaluation"]
     assert sae.cfg.architecture == "topk" and sae.cfg.d_sae == 2 * 576
+
+
+@pytest.mark.slow
+def test_a_transcoder_set_trains_from_one_streamed_pass_on_the_default_model(tmp_path, monkeypatch):
+    from llamaviz import features
+    from llamaviz.features import stream
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "notes.md").write_text((Path(data.__file__).read_text() + "\n") * 4)
+    captured, capture = [], stream.capture
+    monkeypatch.setattr(stream, "capture", lambda model, windows, *rest: captured.append(len(windows))
+                        or capture(model, windows, *rest))
+    summary = features.train(transcoders="all", data=tmp_path / "corpus", out=tmp_path / "set", width=64, k=8,
+                             architecture="batchtopk", tokens=3000, batch_size=256, progress=False)
+    assert summary["status"] == "done" and summary["layers trained"] == 30
+    held = max(1, int(summary["windows"] * stream.HELD_OUT))
+    assert sum(captured) == summary["windows"] - held  # every training window through the model once, for all 30
+    transcoders = features.load_transcoder_set(tmp_path / "set")
+    assert len(transcoders) == 30 and transcoders[7].cfg.hook_name == "blocks.7.mlp.hook_in"
+    assert transcoders[7].cfg.architecture == "jumprelu_skip_transcoder"
+    assert "explained variance" in features.load(tmp_path / "set" / "layer_7").cfg.metadata["evaluation"]

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from llamaviz.features.data import generated, read_corpus, windows as make_windows
-from llamaviz.features.job import train_dictionary
+from llamaviz.features.job import train_dictionary, train_streamed
+from llamaviz.features.stream import Target
 from llamaviz.features.training import TrainConfig
 from llamaviz.features.transcoder_set import TranscoderSet, save_transcoder_set
 
@@ -56,14 +58,14 @@ def train(model=None, hook: str | None = None, data=None, out=None, width="8x", 
         return summary | {"status": status, "evaluation": dictionary.cfg.metadata.get("evaluation", {})}
     if transcoders != "all":
         raise ValueError(f"--transcoders {transcoders!r}: only 'all' (every layer's MLP input -> output) is accepted")
-    layers, status = [], "done"
-    for layer in range(lm.config.num_hidden_layers):
-        dictionary, status = train_dictionary(lm, tokenizer, ids, f"blocks.{layer}.mlp.hook_in", Path(out) / f"layer_{layer}",
-                                              cfg, resume, hook_out=f"blocks.{layer}.hook_mlp_out", dtype=dtype,
-                                              keep_special=keep_special, progress=progress)
-        layers.append(dictionary)
-        if status != "done":
-            return summary | {"status": status, "layers trained": layer}
+    # every layer from one streamed pass: one forward per chunk feeds all the trainers, nothing spilled to disk
+    targets = [Target(f"layer_{layer}", f"blocks.{layer}.mlp.hook_in", dataclasses.replace(cfg),
+                      f"blocks.{layer}.hook_mlp_out") for layer in range(lm.config.num_hidden_layers)]
+    done, status = train_streamed(lm, tokenizer, ids, targets, out, resume=resume, keep_special=keep_special,
+                                  progress=progress)
+    if status != "done":
+        return summary | {"status": status, "layers trained": 0}
+    layers = [done[target.name] for target in targets]
     save_transcoder_set(TranscoderSet(layers, str(getattr(lm, "name_or_path", ""))), out)
     return summary | {"status": status, "layers trained": len(layers),
                       "evaluation": [d.cfg.metadata.get("evaluation", {}) for d in layers]}
