@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from llamaviz.features import data, harvest as harvesting, job
+from llamaviz.features import data, harvest as harvesting, job, sparsity
 from llamaviz.features.dictionary import Dictionary, DictionaryConfig
 from llamaviz.features.training import TrainConfig, Trainer
 from tiny import hf_and_ours
@@ -99,6 +99,35 @@ def test_every_trainer_learns_and_the_folded_dictionary_reads_raw_activations(ar
         assert_close(dictionary(raw), expected, atol=1e-4, rtol=1e-4)  # the scale is folded into the weights
     scores = job.evaluate(dictionary, x[-1024:], x[-1024:])
     assert scores["explained variance"] > 0.5 and scores["L0"] > 0 and scores["log10 frequency"].shape == (128,)
+
+
+def dense_reference_loss(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """TopK / BatchTopK + AuxK written as dense products through every latent (autograd's reference)."""
+    p, cfg = trainer.params, trainer.cfg
+    pre = (x if trainer.transcoder else x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    acts = sparsity.topk(pre, cfg.k) if cfg.architecture == "topk" else sparsity.batch_topk(pre, cfg.k)
+    recon = acts @ p["W_dec"] + p["b_dec"] + (x @ p["W_skip"].T if trainer.skip else 0)
+    residual = y - recon.detach()
+    dead = trainer.unfired >= cfg.dead_steps
+    aux_acts = sparsity.topk(pre.masked_fill(~dead, -torch.inf), min(cfg.aux_k, int(dead.sum()))).nan_to_num(0.0)
+    aux = (aux_acts @ p["W_dec"] - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean()
+    return (recon - y).pow(2).sum(-1).mean() + aux / 32
+
+
+@pytest.mark.parametrize("architecture,transcoder", [("topk", False), ("batchtopk", False), ("batchtopk", True)])
+def test_the_sparse_training_step_has_the_dense_products_gradient(architecture, transcoder):
+    x = sparse_data(n=2048, d=24)
+    y = (x @ np.random.default_rng(3).standard_normal((24, 24))).astype(np.float32) if transcoder else None
+    cfg = TrainConfig(architecture=architecture, width=96, k=5, aux_k=12, batch_size=512, steps=10)
+    trainer = Trainer(cfg, x, y, skip=transcoder)
+    trainer.unfired[::3] = cfg.dead_steps  # a third of the latents dead: AuxK reads them
+    xb, yb = trainer.batch(0)
+    expected = dense_reference_loss(trainer, xb, yb)  # before trainer.loss counts this step's firing
+    reference = dict(zip(trainer.params, torch.autograd.grad(expected, list(trainer.params.values()))))
+    loss, _ = trainer.loss(xb, yb)
+    assert_close(loss, expected)
+    for name, grad in zip(trainer.params, torch.autograd.grad(loss, list(trainer.params.values()))):
+        assert_close(grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_a_transcoder_with_skip_learns_a_linear_map_through_its_skip_path():

@@ -6,7 +6,8 @@ weights at the end, so the saved dictionary reads raw activations. Batches are a
 of the tokens indexed by step, so a run resumed from its checkpoint ends with the weights an
 uninterrupted run has. A checkpoint (safetensors + JSON, no pickle) is written every
 `checkpoint_every` steps and on Ctrl-C. A streamed run (stream.py) hands each step its batch instead.
-TopK and BatchTopK decode through the active latents only (sparsity.decode), forward and backward.
+TopK and BatchTopK read and decode only the kept latents (sparsity.gathered, sparsity.decode_entries):
+the backward touches only those, not the dense [batch, width] product.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class Trainer:
         return out + x @ self.params["W_skip"].T if self.skip else out
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.cfg.architecture in ("topk", "batchtopk"):
+            return self.sparse_loss(x, y)
         pre, acts = self.encode(x)
         recon = self.decode(acts, x)
         mse = (recon - y).pow(2).sum(-1).mean()
@@ -116,27 +119,46 @@ class Trainer:
             loss = loss + cfg.l1 * (acts * self.params["W_dec"].norm(dim=-1)).sum(-1).mean()
         if cfg.architecture == "jumprelu":
             loss = loss + cfg.l0 * sparse.step(pre, self.params["log_threshold"].exp()).sum(-1).mean()
-        if cfg.architecture in ("topk", "batchtopk"):
-            loss = loss + self.aux_loss(pre, y - recon.detach()) / 32
-        fired = (acts > 0).any(0).detach()
-        self.unfired = torch.where(fired, torch.zeros_like(self.unfired), self.unfired + 1)
-        if cfg.architecture == "batchtopk":
-            kept = acts[acts > 0]
-            if kept.numel():
-                self.threshold = 0.99 * self.threshold + 0.01 * kept.min().detach() if self.step else kept.min().detach()
-        total = ((y - y.mean(0)).pow(2).sum(-1).mean()).clamp(min=1e-12)
-        stats = {"explained variance": 1 - mse.item() / total.item(), "L0": (acts > 0).sum(-1).float().mean().item(),
-                 "dead": (self.unfired >= cfg.dead_steps).float().mean().item()}
-        return loss, stats
+        return loss, self.stats(mse, y, (acts > 0).any(0).detach(), (acts > 0).sum().item())
 
-    def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def sparse_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """TopK / BatchTopK with AuxK: the dense encoder product runs once without a gradient; the loss
+        reads only the kept (and the auxiliary) latents, so its backward touches only those (the dense
+        autograd graph through encode and decode is the reference, tests/test_training.py)."""
+        p, cfg, batch = self.params, self.cfg, x.shape[0]
+        x_in = x if self.transcoder else x - p["b_dec"]
+        with torch.no_grad():
+            pre = torch.addmm(p["b_enc"], x_in, p["W_enc"])
+            select = sparse.topk_entries if cfg.architecture == "topk" else sparse.batch_topk_entries
+            rows, cols = select(pre, cfg.k)
+        values = sparse.gathered(x_in, p["W_enc"], p["b_enc"], pre, rows, cols).relu()
+        recon = sparse.decode_entries(rows, cols, values, p["W_dec"], batch) + p["b_dec"]
+        recon = recon + x @ p["W_skip"].T if self.skip else recon
+        mse = (recon - y).pow(2).sum(-1).mean()
+        loss = mse + self.aux_loss(x_in, pre, y - recon.detach()) / 32
+        live = values.detach() > 0
+        fired = torch.bincount(cols[live], minlength=cfg.width) > 0
+        if cfg.architecture == "batchtopk" and live.any():
+            smallest = values.detach()[live].min()
+            self.threshold = 0.99 * self.threshold + 0.01 * smallest if self.step else smallest
+        return loss, self.stats(mse, y, fired, int(live.sum()))
+
+    def stats(self, mse: torch.Tensor, y: torch.Tensor, fired: torch.Tensor, active: int) -> dict:
+        self.unfired = torch.where(fired, torch.zeros_like(self.unfired), self.unfired + 1)
+        total = ((y - y.mean(0)).pow(2).sum(-1).mean()).clamp(min=1e-12)
+        return {"explained variance": 1 - mse.item() / total.item(), "L0": active / y.shape[0],
+                "dead": (self.unfired >= self.cfg.dead_steps).float().mean().item()}
+
+    def aux_loss(self, x_in: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """AuxK: the dead latents' top aux_k activations reconstruct what the live ones missed."""
-        dead = self.unfired >= self.cfg.dead_steps
-        if not dead.any():
+        dead = (self.unfired >= self.cfg.dead_steps).nonzero().squeeze(1)
+        if not len(dead):
             return pre.new_zeros(())
-        k = min(self.cfg.aux_k, int(dead.sum()))
-        acts = sparse.topk(pre.masked_fill(~dead, -math.inf), k).nan_to_num(0.0)
-        recon = sparse.decode(acts, self.params["W_dec"])
+        p = self.params
+        rows, among = sparse.topk_entries(pre[:, dead], min(self.cfg.aux_k, len(dead)))
+        cols = dead[among]
+        values = sparse.gathered(x_in, p["W_enc"], p["b_enc"], pre, rows, cols).relu()
+        recon = sparse.decode_entries(rows, cols, values, p["W_dec"], pre.shape[0])
         return (recon - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean().clamp(min=1e-12)
 
     def learning_rate(self, step: int) -> float:
