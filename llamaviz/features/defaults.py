@@ -62,8 +62,10 @@ def _docstrings(file: Path) -> list[str]:
     return [text for text in found if text and len(text) > 80]
 
 
-def targets(model, sae_layers=SAE_LAYERS, seed: int = 0, batch_size: int = 1024) -> list[Target]:
-    """The SAEs at sae_layers' resid_post and a transcoder per layer (mlp.hook_in -> hook_mlp_out, with skip)."""
+def targets(model, sae_layers=SAE_LAYERS, seed: int = 0, batch_size: int = 1024, transcoders: bool = True
+            ) -> list[Target]:
+    """The SAEs at sae_layers' resid_post and (transcoders) one transcoder per layer (mlp.hook_in ->
+    hook_mlp_out, with skip)."""
     d = model.config.hidden_size
 
     def cfg(spec: dict) -> TrainConfig:
@@ -72,13 +74,14 @@ def targets(model, sae_layers=SAE_LAYERS, seed: int = 0, batch_size: int = 1024)
 
     found = [Target(f"sae-resid-{layer}", f"blocks.{layer}.hook_resid_post", cfg(SAE)) for layer in sae_layers]
     found += [Target(f"transcoders/layer_{layer}", f"blocks.{layer}.mlp.hook_in", cfg(TRANSCODERS),
-                     f"blocks.{layer}.hook_mlp_out") for layer in range(model.config.num_hidden_layers)]
+                     f"blocks.{layer}.hook_mlp_out") for layer in range(model.config.num_hidden_layers) if transcoders]
     return found
 
 
 def build(model=None, out=None, tokens: int = TOKENS, resume: bool = False, progress: bool = True,
-          sae_layers=SAE_LAYERS, context: int = 128, seed: int = 0, on_chunk=None) -> dict:
-    """Train the default dictionaries into out (default_folder()); returns a summary of the scores."""
+          sae_layers=SAE_LAYERS, context: int = 128, seed: int = 0, on_chunk=None, transcoders: bool = True) -> dict:
+    """Train the default dictionaries into out (default_folder()); returns a summary of the scores. Fewer
+    tokens, fewer sae_layers and transcoders=False make a quick build of the same dictionaries (tests)."""
     from llamaviz.features.job import train_streamed
     from llamaviz.run.loading import load
 
@@ -89,7 +92,8 @@ def build(model=None, out=None, tokens: int = TOKENS, resume: bool = False, prog
         raise ValueError(f"SAE layers {bad} are not layers of this model (0..{lm.config.num_hidden_layers - 1})")
     out = Path(out) if out is not None else default_folder()
     ids = make_windows(tokenizer, python_docs(max_chars=tokens * 6), context, max_tokens=tokens)
-    done, status = train_streamed(lm, tokenizer, ids, targets(lm, sae_layers, seed), out, resume=resume,
-                                  progress=progress, transcoder_set="transcoders", on_chunk=on_chunk)
+    done, status = train_streamed(lm, tokenizer, ids, targets(lm, sae_layers, seed, transcoders=transcoders), out,
+                                  resume=resume, progress=progress, transcoder_set="transcoders" if transcoders else None,
+                                  on_chunk=on_chunk)
     scores = {name: d.cfg.metadata["evaluation"] for name, d in done.items()}
     return {"status": status, "out": str(out), "windows": len(ids), "scores": scores}

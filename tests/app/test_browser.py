@@ -3,6 +3,7 @@ playwright. One server serves every test of this module; the first test saves as
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -40,7 +41,14 @@ def server(default_gguf, tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     (folder / default_gguf.name).symlink_to(default_gguf)
     (folder / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00 not really a model")
-    port, log = free_port(), folder.parent / "server.log"
+    with serving(folder) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(folder: Path):
+    """`python app.py` on a free port with folder as its checkpoints folder; yields the URL."""
+    port, log = free_port(), folder.parent / f"server-{folder.name}.log"
     env = {**os.environ, "LLAMAVIZ_MODEL_DIR": str(folder), "GRADIO_ANALYTICS_ENABLED": "False",
            "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as out:
