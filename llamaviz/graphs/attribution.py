@@ -78,6 +78,16 @@ def attribute(model, transcoders, ids: torch.Tensor, max_logits: int = 10, cumul
     return rows.graph()
 
 
+def _runs(active: torch.Tensor, layer: int) -> list[tuple[int, int, int]]:
+    """The spans of feature columns (active is sorted by layer, position, index) of one layer, by position."""
+    columns = torch.nonzero(active[:, 0] == layer).flatten()
+    if not len(columns):
+        return []
+    positions, counts = torch.unique_consecutive(active[columns, 1], return_counts=True)
+    ends = (counts.cumsum(0) + columns[0]).tolist()
+    return [(q, end - n, end) for q, n, end in zip(positions.tolist(), counts.tolist(), ends)]
+
+
 def _batches(items: list, size: int) -> list[list]:
     return [items[start:start + size] for start in range(0, len(items), size)]
 
@@ -103,9 +113,10 @@ class _Rows:
         dtype = run.embed.dtype
         self.rows = torch.zeros(self.budget + keep, self.width, dtype=dtype)
         self.constants = torch.zeros(self.budget + keep, dtype=dtype)
+        self.norms = torch.ones(self.budget + keep, dtype=dtype)  # each row's sum of |entries|, once it is final
         self.node_of_row = torch.zeros(self.budget + keep, dtype=torch.long)  # node index (logits: n_f + rank)
         self.filled, self.visited = 0, torch.zeros(self.n_f, dtype=torch.bool)
-        self.by_layer = [torch.nonzero(self.active[:, 0] == layer).flatten() for layer in range(layers)]
+        self.runs = [_runs(self.active, layer) for layer in range(layers)]  # (position, first, end) column spans
         unembed = run.model.lm_head.weight.detach().to(dtype)
         self.logit_directions = unembed[self.logit_tokens] - unembed.mean(0)  # [n_l, m]
 
@@ -122,22 +133,26 @@ class _Rows:
         return chosen[torch.argsort(key, stable=True)].tolist()
 
     def partial_influence(self) -> torch.Tensor:
-        """[width]: influence on the logits through the rows so far (circuit-tracer's ranking)."""
-        rows, nodes = self.rows[: self.filled], self.node_of_row[: self.filled]
-        norms = rows.abs().sum(1).clamp(min=1e-12)
-        flow = torch.zeros(self.width + self.n_l, dtype=rows.dtype)
-        flow[self.width:] = (self.logit_probs / self.logit_probs.sum()).to(rows.dtype)
-        total = torch.zeros(self.width, dtype=rows.dtype)
-        node_slot = torch.where(nodes >= self.n_f, nodes - self.n_f + self.width, nodes)
-        for _ in range(self.run.layers + 3):
-            weights = flow[node_slot] / norms
-            if not weights.any():
-                break
-            step = torch.zeros(self.width, dtype=rows.dtype)
-            for start in range(0, len(rows), 1024):  # bounded temporaries
-                step += weights[start:start + 1024] @ rows[start:start + 1024].abs()
-            total += step
-            flow = torch.cat([step, flow.new_zeros(self.n_l)])
+        """[width]: influence on the logits through the rows so far (circuit-tracer's ranking).
+
+        A feature only reaches features of later layers and the logits, so the flow into each row is final
+        once the rows of every later layer have theirs: one sweep down the layers, each row block read once,
+        gives what iterating flow -> |rows| / norms to convergence gives."""
+        rows, nodes, norms = self.rows[: self.filled], self.node_of_row[: self.filled], self.norms[: self.filled]
+        is_feature = nodes < self.n_f
+        layer = torch.where(is_feature, self.active[nodes.clamp(max=max(self.n_f - 1, 0)), 0], self.run.layers)
+        flow = torch.zeros(self.filled, dtype=rows.dtype)
+        logit_share = (self.logit_probs / self.logit_probs.sum()).to(rows.dtype)
+        flow[~is_feature] = logit_share[nodes[~is_feature] - self.n_f]
+        for below in reversed(range(self.run.layers)):
+            targets = torch.nonzero(is_feature & (layer == below)).flatten()
+            sources = torch.nonzero(layer > below).flatten()
+            if len(targets) and len(sources):
+                weights = flow[sources] / norms[sources]
+                flow[targets] = weights @ rows.index_select(1, nodes[targets])[sources].abs()
+        weights, total = flow / norms, torch.zeros(self.width, dtype=rows.dtype)
+        for start in range(0, len(rows), 1024):  # bounded temporaries
+            total += weights[start:start + 1024] @ rows[start:start + 1024].abs()
         return total
 
     def compute(self, nodes: list[int]) -> None:
@@ -165,6 +180,7 @@ class _Rows:
             self.constants[self.filled:self.filled + len(nodes)] = (decoded - block[:, : self.n_f].sum(1)
                                                                     + torch.tensor(constants, dtype=decoded.dtype))
         self.node_of_row[self.filled:self.filled + len(nodes)] = torch.tensor(nodes)
+        self.norms[self.filled:self.filled + len(nodes)] = block.abs().sum(1).clamp(min=1e-12)
         self.visited[[n for n in nodes if n < self.n_f]] = True
         self.filled += len(nodes)
 
@@ -174,14 +190,12 @@ class _Rows:
         decoded += (grad * run.constant[layer][:P]).sum((1, 2))
         start = self.n_f + layer * p
         block[:, start:start + P] = (grad * run.error[layer][:P]).sum(-1)
-        columns = self.by_layer[layer]
-        columns = columns[self.active[columns, 1] < P]
-        w_dec = run.transcoders[layer].W_dec.detach().to(grad.dtype)
-        step = max(1, (1 << 22) // max(1, grad.shape[0] * grad.shape[2]))  # [c, step, m] at most 4M numbers
-        for lo in range(0, len(columns), step):
-            part = columns[lo:lo + step]
-            positions, index = self.active[part, 1], self.active[part, 2]
-            block[:, part] = (grad[:, positions] * w_dec[index]).sum(-1) * self.values[part]
+        w_dec = run.transcoders[layer].W_dec.detach()
+        for position, lo, hi in self.runs[layer]:  # one product per position: [c, m] @ [m, features there]
+            if position >= P:
+                break
+            decoders = w_dec.index_select(0, self.active[lo:hi, 2]).to(grad.dtype)
+            block[:, lo:hi] = (grad[:, position] @ decoders.T) * self.values[lo:hi]
 
     def graph(self) -> Graph:
         """The graph over the visited features: rows in node order, columns of unvisited features dropped."""
