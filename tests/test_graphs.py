@@ -39,7 +39,7 @@ def target_values(run: ReplacementRun, graph, additions=None) -> torch.Tensor:
 
 def target_rows(graph) -> torch.Tensor:
     """The adjacency rows of the targets: the features, then the logits."""
-    n = graph.adjacency.shape[0]
+    n = graph.n
     return torch.cat([torch.arange(len(graph.features)), torch.arange(n - len(graph.logit_tokens), n)])
 
 
@@ -80,7 +80,7 @@ def test_the_nodes_and_constants_rebuild_every_target(setup):
     rebuilt = graph.adjacency[targets].sum(1) + graph.bias
     # the norms compute in float32 even in a float64 model, and this random model amplifies that rounding
     torch.testing.assert_close(rebuilt, values, atol=1e-3, rtol=1e-3)
-    assert graph.adjacency[:, graph.adjacency.shape[0] - len(graph.logit_tokens):].abs().sum() == 0  # logits are sinks
+    assert graph.adjacency[:, graph.n - len(graph.logit_tokens):].abs().sum() == 0  # logits are sinks
 
 
 def test_pruning_scores_and_json(setup, tmp_path):

@@ -16,7 +16,7 @@ def kept_nodes(full, budgeted) -> torch.Tensor:
     where = {tuple(row): i for i, row in enumerate(full.features.tolist())}
     n_f = len(full.features)
     features = torch.tensor([where[tuple(row)] for row in budgeted.features.tolist()], dtype=torch.long)
-    return torch.cat([features, torch.arange(n_f, full.adjacency.shape[0])])
+    return torch.cat([features, torch.arange(n_f, full.n)])
 
 
 def test_a_node_budget_keeps_the_full_graphs_rows_and_the_targets_sums(setup):  # noqa: F811

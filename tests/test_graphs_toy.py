@@ -38,7 +38,7 @@ def expected_adjacency(model, tc, ids, graph) -> torch.Tensor:
         w_v = layer.self_attn.v_proj.weight.view(-1, d, 64).repeat_interleave(groups, 0)  # [h, d, m]
         ov = layer.self_attn.o_proj.weight @ w_v.reshape(heads * d, 64)  # [m, m]: sum over heads of W_O,h W_V,h
         w1, w2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        n = graph.adjacency.shape[0]
+        n = graph.n
         mlp_out, mlp_in = cache["blocks.0.hook_mlp_out"][0, -1], cache["blocks.0.mlp.hook_in"][0, -1]
         error = mlp_out - tc.encode(mlp_in) @ tc.W_dec - tc.b_dec - tc.W_skip @ mlp_in
         expected = torch.zeros(n, n, dtype=torch.float64)

@@ -131,6 +131,6 @@ def test_circuit_tracer_builds_the_same_adjacency(tmp_path):
     assert torch.equal(theirs["active"], graph.features) and torch.equal(theirs["logit_tokens"], graph.logit_tokens)
     first_errors = [graph.error_index(layer, 0) for layer in range(graph.layers)]
     assert theirs["adjacency"][:, first_errors].abs().max() == 0
-    kept = torch.ones(graph.adjacency.shape[0], dtype=torch.bool)
+    kept = torch.ones(graph.n, dtype=torch.bool)
     kept[first_errors] = False
     assert_close(theirs["adjacency"][:, kept].double(), graph.adjacency[:, kept], atol=1e-4, rtol=1e-4)

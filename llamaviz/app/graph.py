@@ -169,7 +169,7 @@ def pinned_edge(graph, pinned: list[int]) -> tuple[int, int] | None:
     position is the source (not a logit), the later the target (not a token); None otherwise."""
     if len(pinned) < 2:
         return None
-    n, n_f, p = graph.adjacency.shape[0], len(graph.features), graph.positions
+    n, n_f, p = graph.n, len(graph.features), graph.positions
     tokens = range(n_f + graph.layers * p, n - len(graph.logit_tokens))
 
     def position(i: int) -> int:

@@ -23,7 +23,7 @@ KIND_COLOUR = {"feature": "#f59e0b", "error": "#9ca3af", "token": "#10b981", "lo
 
 
 def kind(graph, index: int) -> str:
-    n_f, p, n = len(graph.features), graph.positions, graph.adjacency.shape[0]
+    n_f, p, n = len(graph.features), graph.positions, graph.n
     if index < n_f:
         return "feature"
     if index < n_f + graph.layers * p:
@@ -33,7 +33,7 @@ def kind(graph, index: int) -> str:
 
 def node_id(graph, index: int) -> str:
     """circuit-tracer's node ids: layer_feature_position, layer_error_position, E_token_position, L+1_token_p-1."""
-    n_f, p, n = len(graph.features), graph.positions, graph.adjacency.shape[0]
+    n_f, p, n = len(graph.features), graph.positions, graph.n
     what = kind(graph, index)
     if what == "feature":
         layer, position, feature = graph.features[index].tolist()
@@ -50,7 +50,7 @@ def node_id(graph, index: int) -> str:
 def index_of(graph, text: str) -> int:
     """The adjacency index of a node id; ValueError naming the accepted forms."""
     wanted = str(text or "").strip()
-    for index in range(graph.adjacency.shape[0]):
+    for index in range(graph.n):
         if node_id(graph, index) == wanted:
             return index
     raise ValueError(f"no node {wanted!r} in this graph; accepted: the ids listed (layer_feature_position, "
@@ -136,7 +136,7 @@ def summaries(run, built: Built, shown: list[int], pruned) -> dict[int, str]:
                          + ", ".join(word(t) for t in ids))
     for index in shown:
         if kind(graph, index) == "logit":
-            rank = index - (graph.adjacency.shape[0] - len(graph.logit_tokens))
+            rank = index - (graph.n - len(graph.logit_tokens))
             texts[index] += f"; {word(graph.logit_tokens[rank])} p={float(graph.logit_probs[rank]):.3f}"
     return texts
 

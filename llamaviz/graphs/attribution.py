@@ -2,7 +2,8 @@
 
 Nodes, in this order: active features (layer, position, index) with activation > 0, one error node
 per (layer, position), one token-embedding node per position, and the top logits up to 0.95
-cumulative probability (at most 10). adjacency[target, source] is the direct effect of the source on
+cumulative probability (at most 10). rows[target, source] (one row per feature and logit target; errors
+and tokens have no inputs) is the direct effect of the source on
 the target's pre-activation: a feature's is activation x decoder row . d target / d mlp_out, an
 error's its error vector . d target / d mlp_out, a token's its embedding . d target / d embed. A
 logit target is the unembedding column minus the mean column, read through the frozen final norm.
@@ -19,6 +20,7 @@ numbers, plus the frozen patterns (L x h x p^2) and one batch's gradients (batch
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +36,7 @@ class Graph:
     activations: torch.Tensor    # [n_f]
     logit_tokens: torch.Tensor   # [n_l] token ids of the logit nodes
     logit_probs: torch.Tensor    # [n_l]
-    adjacency: torch.Tensor      # [n, n] target x source; n = n_f + L*p + p + n_l
+    rows: torch.Tensor           # [n_f + n_l, n] the targets' adjacency rows (features, then logits); n = n_f + L*p + p + n_l
     layers: int
     bias: torch.Tensor           # [n_f + n_l] what no node carries: b_dec, b_enc, position 0's and unkept features
     active_features: int = -1    # how many features were active (n_f unless a node budget dropped some)
@@ -43,6 +45,34 @@ class Graph:
     def positions(self) -> int:
         return self.ids.shape[1]
 
+    @property
+    def n(self) -> int:
+        """Nodes: features, errors, tokens, logits."""
+        return self.rows.shape[1]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """[n_f + n_l]: the node of each of `rows` (errors and tokens have no inputs, so no row)."""
+        n_f, n_l = len(self.features), len(self.logit_tokens)
+        return torch.cat([torch.arange(n_f), torch.arange(self.n - n_l, self.n)])
+
+    @functools.cached_property
+    def adjacency(self) -> torch.Tensor:
+        """[n, n] target x source, dense (the rows in place, zeros for errors and tokens): for small graphs;
+        pruning, scores and the JSON read `rows` and never build it."""
+        dense = self.rows.new_zeros(self.n, self.n)
+        dense[self.targets] = self.rows
+        return dense
+
+    def edge(self, target: int, source: int) -> float:
+        """The direct effect of node source on node target (0 for a target without inputs)."""
+        row = self.row_of(target)
+        return 0.0 if row is None else float(self.rows[row, source])
+
+    def row_of(self, target: int) -> int | None:
+        n_f, n_l = len(self.features), len(self.logit_tokens)
+        return target if target < n_f else target - self.n + n_f + n_l if target >= self.n - n_l else None
+
     def error_index(self, layer: int, position: int) -> int:
         return len(self.features) + layer * self.positions + position
 
@@ -50,7 +80,7 @@ class Graph:
         return len(self.features) + self.layers * self.positions + position
 
     def logit_index(self, rank: int) -> int:
-        return self.adjacency.shape[0] - len(self.logit_tokens) + rank
+        return self.n - len(self.logit_tokens) + rank
 
 
 def row_bytes(active: int, layers: int, positions: int, logits: int, max_feature_nodes: int | None,
@@ -151,8 +181,9 @@ class _Rows:
                 weights = flow[sources] / norms[sources]
                 flow[targets] = weights @ rows.index_select(1, nodes[targets])[sources].abs()
         weights, total = flow / norms, torch.zeros(self.width, dtype=rows.dtype)
-        for start in range(0, len(rows), 1024):  # bounded temporaries
-            total += weights[start:start + 1024] @ rows[start:start + 1024].abs()
+        step = max(1, (1 << 24) // max(1, self.width))  # temporaries of at most 16M numbers
+        for start in range(0, len(rows), step):
+            total += weights[start:start + step] @ rows[start:start + step].abs()
         return total
 
     def compute(self, nodes: list[int]) -> None:
@@ -207,12 +238,11 @@ class _Rows:
         rank[kept] = torch.arange(len(kept))
         rank[self.n_f:] = torch.arange(self.n_l) + len(kept)  # target slots: kept features, then logits
         n = len(kept) + (layers + 1) * p + self.n_l
-        adjacency = self.rows.new_zeros(n, n)
+        rows = self.rows.new_zeros(len(kept) + self.n_l, n)
         bias = self.rows.new_zeros(len(kept) + self.n_l)
         slots = rank[order]
-        target_rows = torch.where(slots < len(kept), slots, slots - len(kept) + n - self.n_l)
-        adjacency[target_rows, : len(columns)] = self.rows[: self.filled][:, columns]
+        rows[slots, : len(columns)] = self.rows[: self.filled].index_select(1, columns)
         dropped = self.rows[: self.filled][:, : self.n_f].sum(1) - self.rows[: self.filled][:, kept].sum(1)
         bias[slots] = self.constants[: self.filled] + dropped
         return Graph(self.run.ids, self.active[kept], self.values[kept], self.logit_tokens, self.logit_probs,
-                     adjacency, layers, bias, self.n_f)
+                     rows, layers, bias, self.n_f)

@@ -4,7 +4,7 @@ Node ids as circuit-tracer writes them: a feature "{layer}_{index}_{position}", 
 "E_{token}_{position}", a logit "{L+1}_{token}_{p-1}"; an error "{layer}_error_{position}" (feature -1;
 circuit-tracer writes "0_{layer}_{position}", which can collide with a layer-0 feature's id, so read_json
 takes either and, for a colliding id, the feature).
-read_json rebuilds a Graph over the file's nodes with the links as its adjacency (a pruned graph:
+read_json rebuilds a Graph over the file's nodes with the links as its adjacency rows (a pruned graph:
 the edges the file kept, every other entry zero) and a Pruned marking them all kept.
 """
 
@@ -25,7 +25,7 @@ def _cantor(a: int, b: int) -> int:
 
 
 def _node(graph: Graph, index: int, tokenizer, pruned: Pruned) -> dict:
-    n_f, p, n = len(graph.features), graph.positions, graph.adjacency.shape[0]
+    n_f, p, n = len(graph.features), graph.positions, graph.n
     base = {"influence": float(pruned.influence[index]), "run_idx": 0, "reverse_ctx_idx": 0, "clerp": ""}
     if index < n_f:
         layer, position, feature = graph.features[index].tolist()
@@ -59,8 +59,9 @@ def write_json(graph: Graph, pruned: Pruned, path, tokenizer, slug: str = "llama
     kept = pruned.nodes.nonzero().flatten().tolist()
     nodes = [_node(graph, index, tokenizer, pruned) for index in kept]
     ids = {index: node["node_id"] for index, node in zip(kept, nodes)}
-    links = [{"source": ids[int(s)], "target": ids[int(t)], "weight": float(graph.adjacency[t, s])}
-             for t, s in pruned.edges.nonzero().tolist() if int(s) in ids and int(t) in ids]
+    rows, sources = pruned.edge_rows.nonzero(as_tuple=True)
+    found = zip(pruned.targets[rows].tolist(), sources.tolist(), graph.rows[rows, sources].tolist())
+    links = [{"source": ids[s], "target": ids[t], "weight": w} for t, s, w in found if s in ids and t in ids]
     tokens = [tokenizer.decode([int(i)]) for i in graph.ids[0]]
     metadata = {"slug": slug, "scan": scan, "prompt_tokens": tokens, "prompt": "".join(tokens), "schema_version": 1,
                 "info": scores(graph)}
@@ -114,12 +115,16 @@ def read_json(path, layers: int | None = None) -> tuple[Graph, Pruned]:
     index |= {node["node_id"]: i for i, (_, node) in enumerate(features)}
     index |= {node["node_id"]: n_f + layers * p + key[0] for (kind, key), node in parsed if kind == "token"}
     index |= {node["node_id"]: n - n_l + rank for rank, (_, node) in enumerate(logits)}
-    adjacency, edges = torch.zeros(n, n), torch.zeros(n, n, dtype=torch.bool)
+    rows, edges = torch.zeros(n_f + n_l, n), torch.zeros(n_f + n_l, n, dtype=torch.bool)
     for link in links:
         if link["source"] not in index or link["target"] not in index:
             raise ValueError(f"{path}: link {link['source']} -> {link['target']} names a node that is not listed")
         target, source = index[link["target"]], index[link["source"]]
-        adjacency[target, source], edges[target, source] = float(link["weight"]), True
+        if n_f <= target < n - n_l:
+            raise ValueError(f"{path}: link {link['source']} -> {link['target']} ends on an error or embedding "
+                             "node; links end on features and logits")
+        row = target if target < n_f else target - (n - n_l) + n_f
+        rows[row, source], edges[row, source] = float(link["weight"]), True
     kept = torch.zeros(n, dtype=torch.bool)
     kept[list(index.values())] = True
     influence = torch.zeros(n)
@@ -128,5 +133,5 @@ def read_json(path, layers: int | None = None) -> tuple[Graph, Pruned]:
     graph = Graph(ids, torch.tensor([key for key, _ in features], dtype=torch.long).view(-1, 3),
                   torch.tensor([float(node.get("activation") or 0.0) for _, node in features]),
                   torch.tensor([key[0] for key, _ in logits], dtype=torch.long),
-                  torch.tensor([key[1] for key, _ in logits]), adjacency, layers, torch.zeros(n_f + n_l), n_f)
-    return graph, Pruned(kept, edges, influence)
+                  torch.tensor([key[1] for key, _ in logits]), rows, layers, torch.zeros(n_f + n_l), n_f)
+    return graph, Pruned(kept, edges, influence, graph.targets)

@@ -35,7 +35,7 @@ def _source(run: ReplacementRun, graph: Graph, source: int) -> tuple[int, int, t
 
 def _target(linear: LinearBackward, run: ReplacementRun, graph: Graph, target: int) -> tuple[int, int, torch.Tensor]:
     """(layer whose resid_mid it reads, L for a logit; position; gradient seed [m]) of a target node."""
-    n_f, n = len(graph.features), graph.adjacency.shape[0]
+    n_f, n = len(graph.features), graph.n
     if target < n_f:
         layer, position, index = graph.features[target].tolist()
         return layer, position, linear.mlp_seed(layer, position, run.transcoders[layer].W_enc[:, index].detach())
@@ -82,4 +82,4 @@ def head_loadings(model, transcoders, graph: Graph, target: int, source: int) ->
                 if block["W_skip"] is not None:
                     carried = carried + block["W_skip"] @ (carried * block["in2"] / block["s2"][s_pos, 0])
         direct = float(seed @ carried) if s_pos == t_pos else 0.0
-    return {"heads": heads, "direct": direct, "edge": float(graph.adjacency[target, source])}
+    return {"heads": heads, "direct": direct, "edge": graph.edge(target, source)}

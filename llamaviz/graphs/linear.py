@@ -53,8 +53,9 @@ class LinearBackward:
         """d target / d resid_pre through the layer's OV circuit: [c, P, m] -> [c, P, m] ([c, h, P, m] with heads)."""
         block, (c, P, m) = self.blocks[layer], grad_mid.shape
         h, g, d = self.heads, self.kv_heads, self.head_dim
-        grad_z = (grad_mid @ block["W_O"]).view(c, P, h, d).transpose(1, 2)  # [c, h, P, d] (query)
-        grad_v = block["pattern"][:, :P, :P].transpose(1, 2) @ grad_z  # [c, h, P, d] (key)
+        grad_z = (grad_mid @ block["W_O"]).view(c, P, h, d).permute(2, 1, 0, 3).reshape(h, P, c * d)  # query side
+        grad_v = block["pattern"][:, :P, :P].transpose(1, 2) @ grad_z  # [h, P, c*d] key side; no [c, h, P, P] copy
+        grad_v = grad_v.view(h, P, c, d).permute(2, 0, 1, 3)  # [c, h, P, d]
         w_v = block["W_V"].view(g, d, m).repeat_interleave(h // g, dim=0)  # [h, d, m]
         if heads:
             per_head = grad_v @ w_v  # [c, h, P, m]

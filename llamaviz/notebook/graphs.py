@@ -10,7 +10,7 @@ from llamaviz.graphs import Graph, Pruned, prune
 
 def node_places(graph: Graph) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(x position [n], y layer [n]: tokens at -1, logits at L, labels) of every node."""
-    n_f, p, n = len(graph.features), graph.positions, graph.adjacency.shape[0]
+    n_f, p, n = len(graph.features), graph.positions, graph.n
     x, y, labels = torch.zeros(n), torch.zeros(n), []
     for index in range(n):
         if index < n_f:
@@ -37,7 +37,7 @@ def show_graph(graph: Graph, pruned: Pruned | None = None, max_edges: int = 300)
     pruned = pruned if pruned is not None else prune(graph)
     x, y, labels = node_places(graph)
     kept = pruned.nodes.nonzero().flatten()
-    spread = torch.linspace(-0.3, 0.3, 7)[torch.arange(len(graph.adjacency)) % 7]  # features at one spot side by side
+    spread = torch.linspace(-0.3, 0.3, 7)[torch.arange(graph.n) % 7]  # features at one spot side by side
     x = x + spread * (torch.arange(len(x)) < len(graph.features))
     figure = go.Figure()
     targets, sources = pruned.edges.nonzero(as_tuple=True)

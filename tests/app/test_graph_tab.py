@@ -58,7 +58,7 @@ def drawn_ids(svg: str) -> list[str]:
 
 def expected_ids(graph, pruned) -> set[str]:
     """The library's kept features, tokens and logits, and the errors at least as influential as a kept feature."""
-    n_f, n = len(graph.features), graph.adjacency.shape[0]
+    n_f, n = len(graph.features), graph.n
     kept = pruned.nodes.nonzero().flatten().tolist()
     floor = pruned.influence[:n_f][pruned.nodes[:n_f]].min()
     ids = {f"{l}_{i}_{p}" for l, p, i in graph.features[[k for k in kept if k < n_f]].tolist()}
@@ -74,7 +74,8 @@ def test_the_set_is_found_beside_the_checkpoint_and_the_drawing_is_the_librarys_
     model, folder, ids, graph, root = setup
     assert folder in gx.found_transcoder_sets(str(root / "model.gguf"))
     _, session, shown = built(setup)
-    torch.testing.assert_close(session.built.graph.adjacency, graph.adjacency)
+    # the same code; float32 products batched by gx.BATCH vs attribute's default round differently
+    torch.testing.assert_close(session.built.graph.adjacency, graph.adjacency, atol=1e-4, rtol=1e-4)
     pruned = graphs.prune(graph, 0.8)
     assert set(drawn_ids(shown["graph_plot"])) == expected_ids(graph, pruned)
     n_f = len(graph.features)
