@@ -160,22 +160,27 @@ def test_feature_patching_matches_plain_hooks(tiny, by_position):
     assert (result != float(metric(plain))).any()
 
 
-def default_dictionary() -> Path | None:
-    """model/dictionaries/sae-resid-<L>, or the folder $LLAMAVIZ_TEST_DICTIONARY names (a dictionary of the default model)."""
+def default_dictionary(layer: int) -> Path | None:
+    """model/dictionaries/sae-resid-<layer>, or the folder $LLAMAVIZ_TEST_DICTIONARY names (a dictionary of the default model)."""
     if os.environ.get("LLAMAVIZ_TEST_DICTIONARY"):
         return Path(os.environ["LLAMAVIZ_TEST_DICTIONARY"])
-    found = sorted(DEFAULT_DICTIONARIES.glob("sae-resid-*/cfg.json"))
-    return found[0].parent if found else None
+    folder = DEFAULT_DICTIONARIES / f"sae-resid-{layer}"
+    return folder if (folder / "cfg.json").exists() else None
 
 
-@pytest.mark.xfail(strict=False, reason="measured with the default dictionaries (150K tokens): 1/10, 1/10 and 2/10 "
-                   "of the top 10 within 10% at layers 15, 5, 25 (median relative error 26%, 85%, 23%); "
-                   "the 10% goal of the dictionaries issue is open")
-def test_on_the_default_model_attribution_is_within_ten_percent_of_ablation(default_gguf):
-    folder = default_dictionary()
+OPEN = "the 10% goal of the dictionaries issue is open at this layer: measured "
+
+
+@pytest.mark.parametrize("layer", [
+    pytest.param(5, marks=pytest.mark.xfail(strict=False, reason=OPEN + "3/10 within 10%, median relative error 24%")),
+    pytest.param(15, marks=pytest.mark.xfail(strict=False, reason=OPEN + "5/10 within 10%, median relative error 8.2%")),
+    25])
+def test_on_the_default_model_attribution_is_within_ten_percent_of_ablation(default_gguf, layer):
+    """The top 10 features at positions 1.. (BOS left out: the dictionaries are trained without special tokens,
+    and ablating a feature of the attention sink is far from linear) of the answer's logit."""
+    folder = default_dictionary(layer)
     if folder is None:
-        pytest.skip(f"no default dictionary under {DEFAULT_DICTIONARIES}/sae-resid-<L> (the default dictionaries "
-                    "are trained there; `llamaviz features train --help`)")
+        pytest.skip(f"no default dictionary {DEFAULT_DICTIONARIES}/sae-resid-{layer} (`make dictionaries` trains it)")
     import llamaviz
 
     model, _ = llamaviz.load(default_gguf)
@@ -185,8 +190,8 @@ def test_on_the_default_model_attribution_is_within_ten_percent_of_ablation(defa
         answer = int(model(ids, return_type="logits")[0, -1].argmax())
     metric = lambda logits: logits[0, -1, answer]  # noqa: E731
     result = analysis.feature_attribution(model, ids, sae, metric)
-    scores = torch.tensor([row[3] for row in result.top(10)])
-    exact = analysis.ablation_effects(model, ids, sae, metric, result.top_cells(10))
+    scores = torch.tensor([row[3] for row in result.top(10, start=1)])
+    exact = analysis.ablation_effects(model, ids, sae, metric, result.top_cells(10, start=1))
     relative = (scores - exact).abs() / exact.abs()
     within = int((relative <= 0.10).sum())
     print(f"top 10 features of {folder.name}: {within}/10 within 10% of the ablation effect, "

@@ -116,19 +116,20 @@ class FeatureAttribution:
     activations: dict[str, torch.Tensor]  # {acts hook name: [b, p, F]}
     value: float  # the metric of the run
 
-    def top(self, count: int = 10) -> list[tuple[str, int, int, float]]:
-        """The `count` largest |score| summed over the batch: [(acts hook name, position, feature, score)]."""
+    def top(self, count: int = 10, start: int = 0) -> list[tuple[str, int, int, float]]:
+        """The `count` largest |score| summed over the batch at positions start.. (1 leaves out BOS, which
+        dictionaries trained without special tokens do not model): [(acts hook name, position, feature, score)]."""
         rows = []
         for name, scores in self.scores.items():
-            summed = scores.sum(0)  # [p, F]
+            summed = scores.sum(0)[start:]  # [p - start, F]
             values, flat = summed.flatten().abs().topk(min(count, summed.numel()))
-            rows += [(name, int(i) // summed.shape[1], int(i) % summed.shape[1], float(summed.flatten()[i]))
+            rows += [(name, start + int(i) // summed.shape[1], int(i) % summed.shape[1], float(summed.flatten()[i]))
                      for v, i in zip(values, flat) if v > 0]
         return sorted(rows, key=lambda row: -abs(row[3]))[:count]
 
-    def top_cells(self, count: int = 10) -> list[Cell]:
-        """(position, feature) of the top scores (one dictionary), for ablation_effects."""
-        return [(position, feature) for _, position, feature, _ in self.top(count)]
+    def top_cells(self, count: int = 10, start: int = 0) -> list[Cell]:
+        """(position, feature) of the top scores (one dictionary) at positions start.., for ablation_effects."""
+        return [(position, feature) for _, position, feature, _ in self.top(count, start)]
 
 
 def feature_attribution(model, tokens, dictionaries, metric: Callable, use_error_term: bool = True,
