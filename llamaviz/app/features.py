@@ -348,7 +348,8 @@ def ablation(run: Run, path: str, chosen: list[int], positions: list[int] | None
 
 def attribution(run: Run, path: str, position, foil_id: int | None = None, exact: int = 5) -> list[dict]:
     """Active features ranked by activation x gradient of the answer's logit (minus the foil's), the exact
-    ablation effect of the `exact` largest beside the estimate (features.analysis, the library's one path)."""
+    ablation effect of the `exact` largest beside the estimate (features.analysis, the library's one path).
+    A BOS first token is left out: dictionaries are trained without special tokens."""
     sae, at = dictionary(path), check_position(run, position)
     model = run.entry.model
     with run.entry.lock:
@@ -362,9 +363,11 @@ def attribution(run: Run, path: str, position, foil_id: int | None = None, exact
             return logits[0, at, answer] - (logits[0, at, foil_id] if foil_id is not None else 0)
 
         result = analysis.feature_attribution(model, run.ids, sae, metric)
+        start = int(run.ids[0, 0] == run.entry.tokenizer.bos_token_id)
         rows = [{"feature": feature, "position": position, "estimate": score}
-                for _, position, feature, score in result.top(20)]
-        effects = analysis.ablation_effects(model, run.ids, sae, metric, result.top_cells(exact)) if exact else []
+                for _, position, feature, score in result.top(20, start)]
+        cells = result.top_cells(exact, start)
+        effects = analysis.ablation_effects(model, run.ids, sae, metric, cells) if exact else []
     for row, effect in zip(rows, effects):
         row["exact"] = float(effect)
     return rows
