@@ -83,7 +83,7 @@ def ours(work: Path, set_dir: Path, threads: int) -> dict:
     import resource
 
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     import llamaviz
     from llamaviz import features, graphs
@@ -111,9 +111,12 @@ def ours(work: Path, set_dir: Path, threads: int) -> dict:
     graph = rows.graph()
     packaged = time.perf_counter()
     graphs.prune(graph)
+    pruned = time.perf_counter()
+    save_file({"rows": graph.rows.contiguous(), "features": graph.features.contiguous(),
+               "logit_tokens": graph.logit_tokens.contiguous()}, str(work / "llamaviz_graph.safetensors"))
     return {"load": loaded - start, "setup": setup - loaded, "logit rows": logits - setup,
             "feature rows": feature_rows - logits, "package": packaged - feature_rows,
-            "graph": packaged - loaded, "prune": time.perf_counter() - packaged,
+            "graph": packaged - loaded, "prune": pruned - packaged,
             "active": rows.n_f, "nodes": len(graph.features),
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -186,6 +189,34 @@ def main() -> None:
             for name in libraries:  # alternating
                 results[name].append(run_child(name, work, set_dir, args.threads))
         report(length, budget, results)
+        if "circuit-tracer" in results:
+            print("  " + same_adjacency(work))
+
+
+def same_adjacency(work: Path) -> str:
+    """How the last runs' graphs compare: their visited features, and the adjacency over every node, with
+    circuit-tracer's nodes put in our order (its position-0 error columns are zero by its convention)."""
+    import torch
+    from safetensors.torch import load_file
+
+    ours_, theirs = load_file(str(work / "llamaviz_graph.safetensors")), load_file(str(work / "graph.safetensors"))
+    their_features = theirs["active"][theirs["selected"]].tolist()
+    where = {tuple(f): i for i, f in enumerate(their_features)}
+    mine = [tuple(f) for f in ours_["features"].tolist()]
+    if sorted(mine) != sorted(where) or not torch.equal(ours_["logit_tokens"], theirs["logit_tokens"]):
+        common = len(set(mine) & set(where))
+        return f"adjacency: not compared, the visited features differ ({common} of {len(mine)} in common)"
+    n_f, n = len(mine), ours_["rows"].shape[1]
+    order = torch.tensor([where[f] for f in mine] + list(range(n_f, n)))
+    targets = torch.cat([torch.arange(n_f), torch.arange(n - len(ours_["logit_tokens"]), n)])
+    their_rows = theirs["adjacency"][order[targets]][:, order].to(ours_["rows"].dtype)
+    p = load_file(str(work / "graph_inputs.safetensors"))["ids"].numel()
+    compared = torch.ones(n, dtype=torch.bool)
+    compared[n_f: n_f + ((n - n_f - len(ours_["logit_tokens"])) // p - 1) * p: p] = False  # position-0 errors
+    difference = float((ours_["rows"] - their_rows)[:, compared].abs().max())
+    scale = float(ours_["rows"].abs().max())
+    return (f"adjacency: the same {n_f} visited features; max |difference| {difference:.2e} "
+            f"(largest entry {scale:.2e}, relative {difference / max(scale, 1e-30):.1e})")
 
 
 def report(length: int, budget: int, results: dict) -> None:
