@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from app_latency import fresh_run  # benchmarks/ is the script's folder
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,18 +68,6 @@ def with_dashboards(folder: Path, work: Path) -> Path:
     return copy
 
 
-def fresh_run(path: str, prompt: str, new_tokens: int):
-    """A browser state after a greedy generation (nothing memoised on it yet)."""
-    from llamaviz.app import handlers, state
-
-    session = state.BrowserState()
-    for _, message, _ in handlers.generate(session, path, prompt, False, new_tokens, 1.0, 0, 1.0, 0, False,
-                                           progress=lambda *a, **k: None):
-        pass
-    assert "lv-error" not in message, message
-    return session.run
-
-
 def timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -91,7 +81,7 @@ def measure(folder: str, runs: int) -> dict[str, list[float]]:
     path, rows = str(default_model_path()), {}
     add = lambda name, value: rows.setdefault(name, []).append(value)  # noqa: E731
     for _ in range(runs):
-        run = fresh_run(path, PROMPT, 16)
+        run = fresh_run(path, PROMPT, 16).run  # app_latency's: a browser state after a generation
         add("top features at a picked token, fresh run (s)", timed(lambda: fx.feature_list_html(run, folder, -1)))
         add("  another token of the same run (s)", timed(lambda: fx.feature_list_html(run, folder, 40)))
         feature = fx.top_features(run, folder, -1)[0][0]
