@@ -70,8 +70,11 @@ class Graph:
         return 0.0 if row is None else float(self.rows[row, source])
 
     def row_of(self, target: int) -> int | None:
-        n_f, n_l = len(self.features), len(self.logit_tokens)
-        return target if target < n_f else target - self.n + n_f + n_l if target >= self.n - n_l else None
+        """The row of node target in `rows` (None for errors and tokens, which have no inputs)."""
+        n_f, first_logit = len(self.features), self.n - len(self.logit_tokens)
+        if target < n_f:
+            return target
+        return n_f + target - first_logit if target >= first_logit else None
 
     def error_index(self, layer: int, position: int) -> int:
         return len(self.features) + layer * self.positions + position
